@@ -1,0 +1,1 @@
+"""nvfp4kit.evaluate"""

@@ -1,0 +1,68 @@
+"""Per-module precision of a Linear, and the quantized linear it selects.
+
+``LinearPrecision`` is data: the model's Linear factory stores one per module, recipes and PTQ
+change it by module name. ``quantized_linear(x, weight, bias, precision)`` computes the layer in that
+precision (emulated numerics, exact on any device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+FORMATS = ("bf16", "nvfp4", "mxfp8", "fp8")
+
+
+@dataclass(frozen=True)
+class LinearPrecision:
+    """How one Linear computes. ``format``: bf16 (high precision), nvfp4, mxfp8 or fp8.
+
+    NVFP4 recipe switches (arXiv 2509.25149): 2D weight blocks, random Hadamard transform on the
+    wgrad operands (of ``rht_size``, with ``rht_sign``), stochastic rounding of gradients,
+    Four Over Six weight scales.
+    """
+
+    format: str = "bf16"
+    weight_2d: bool = True
+    rht: bool = True
+    rht_size: int = 16
+    rht_sign: tuple[int, ...] | None = None
+    stochastic_rounding: bool = True
+    four_over_six: bool = False
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"LinearPrecision: format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+
+    def with_format(self, fmt: str) -> "LinearPrecision":
+        return replace(self, format=fmt)
+
+    def __str__(self) -> str:
+        if self.format != "nvfp4":
+            return self.format
+        flags = [f for f, on in (("2d", self.weight_2d), ("rht", self.rht), ("sr", self.stochastic_rounding),
+                                  ("4/6", self.four_over_six)) if on]
+        return "nvfp4[" + ",".join(flags) + "]"
+
+
+BF16 = LinearPrecision("bf16")
+
+
+def as_precision(p: "LinearPrecision | str | None") -> LinearPrecision:
+    if p is None:
+        return BF16
+    if isinstance(p, LinearPrecision):
+        return p
+    return LinearPrecision(str(p))
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision) -> torch.Tensor:
+    """``x @ weight.T + bias`` in the given precision."""
+    precision = as_precision(precision)
+    if precision.format == "bf16":
+        return F.linear(x, weight, bias)
+    from .qlinear import emulated_linear
+
+    return emulated_linear(x, weight, bias, precision)
