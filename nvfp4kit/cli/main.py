@@ -1,0 +1,29 @@
+"""Entry point of the ``nvfp4kit`` command: imports each command module, then runs the app.
+
+Each command lives in its own small module (parse options, call a library function, print).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .app import app
+
+# one module per command (or command group); each registers itself on ``app``
+COMMAND_MODULES = (
+    "nvfp4kit.cli.formats_cmd",
+)
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name)
+
+
+def main() -> None:
+    from .. import progress
+
+    progress.use_rich()
+    app()
+
+
+if __name__ == "__main__":
+    main()
