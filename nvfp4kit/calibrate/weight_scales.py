@@ -1,0 +1,212 @@
+"""How a Linear's weight becomes NVFP4 (or FP8): the weight-scale methods of PTQ.
+
+* ``max``    round-to-nearest with max-based block scales (each 1x16 block's amax maps to 6).
+* ``mse``    per block, search the E4M3 scale codes near the max-based one (a few steps below,
+             which clip the block max, and above) and keep the one with the smallest squared error
+             of the block; ties keep the max-based scale, so no block is ever worse than ``max``.
+* ``4over6`` Four Over Six: per block, the max mapped to 6 or to 4, whichever has the lower error
+             (tensor scale with 6*256 headroom).
+* ``gptq``   error feedback (GPTQ) on NVFP4 blocks: columns are quantized left to right; each
+             column's rounding error is spread over the not-yet-quantized columns through the
+             Cholesky factor of the damped inverse Hessian ``H = X^T X`` of the calibration inputs.
+             A 16-column group's block scales are fixed (max rule on the updated weights) when the
+             group's first column is reached.
+
+All methods take an optional ``global_amax``: fused groups (q/k/v, gate/up) pass the group's
+shared amax so every member gets the same global scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.e2m1 import E2M1_MAX, e2m1_decode, e2m1_round_nearest, pack_nibbles
+from ..formats.nvfp4 import BLOCK_SIZE, FOUR_OVER_SIX_RANGE, NVFP4Parts, block_amax, check_quantizable
+from ..formats.scales import (
+    E4M3_MAX,
+    NVFP4_RANGE,
+    decode_from_encode,
+    e4m3_rtne,
+    global_encode_scale,
+    nvfp4_block_encode_scale,
+    nvfp4_block_scale,
+)
+from ..kernels.dispatch import quantize_parts
+
+WEIGHT_SCALE_METHODS = ("max", "mse", "4over6", "gptq")
+# E4M3 code offsets tried by ``mse`` around the max-based scale (8 codes = a factor of 2)
+MSE_CODE_OFFSETS = tuple(range(-6, 3))
+_E4M3_MAX_CODE = 126  # 0x7E = 448; 0x7F is NaN in float8_e4m3fn
+
+
+def _amax_of(w: torch.Tensor, global_amax) -> torch.Tensor:
+    if global_amax is None:
+        return w.detach().float().abs().amax() if w.numel() else torch.zeros(())
+    amax = torch.as_tensor(global_amax, dtype=torch.float32).reshape(())
+    if not bool(torch.isfinite(amax)) or float(amax) < 0:
+        raise ValueError(f"global_amax must be finite and non-negative, got {float(amax)}")
+    return amax
+
+
+def _block_errors(xb: torch.Tensor, s_b: torch.Tensor, s_dec: torch.Tensor):
+    """Codes and float64 squared error per block for E4M3 block scales ``s_b`` ([..., nb])."""
+    enc_b = nvfp4_block_encode_scale(s_b, s_dec)
+    codes = e2m1_round_nearest(torch.clamp(xb * enc_b.unsqueeze(-1), -E2M1_MAX, E2M1_MAX))
+    deq = e2m1_decode(codes) * (s_b.float() * s_dec).unsqueeze(-1)
+    err = (deq.double() - xb.double()).square().sum(-1)
+    return codes, err
+
+
+def mse_weight_parts(w: torch.Tensor, global_amax=None, offsets=MSE_CODE_OFFSETS, rows_per_chunk: int = 1024,
+                     name: str = "weight") -> NVFP4Parts:
+    """NVFP4 parts whose block scales minimise each block's squared error among E4M3 candidates."""
+    check_quantizable(w, name)
+    if 0 not in offsets:
+        offsets = (0, *offsets)
+    wf = w.detach().float()
+    s_enc = global_encode_scale(_amax_of(wf, global_amax))
+    s_dec = decode_from_encode(s_enc)
+    K = wf.shape[-1]
+    flat = wf.reshape(-1, K)
+    packed_rows, scale_rows = [], []
+    for r0 in range(0, flat.shape[0], rows_per_chunk):
+        xb = flat[r0:r0 + rows_per_chunk].reshape(-1, K // BLOCK_SIZE, BLOCK_SIZE)
+        s_max = nvfp4_block_scale(xb.abs().amax(-1), s_enc)
+        best_codes, best_err = _block_errors(xb, s_max, s_dec)
+        best_scale = s_max
+        base = s_max.view(torch.uint8).to(torch.int16)
+        nonzero = base > 0
+        for d in offsets:
+            if d == 0:
+                continue
+            cand_code = (base + d).clamp(1, _E4M3_MAX_CODE).to(torch.uint8)
+            cand = torch.where(nonzero, cand_code, base.to(torch.uint8)).view(torch.float8_e4m3fn)
+            codes, err = _block_errors(xb, cand, s_dec)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+            best_scale = torch.where(better, cand.float(), best_scale.float()).to(torch.float8_e4m3fn)
+        packed_rows.append(pack_nibbles(best_codes.reshape(-1, K)))
+        scale_rows.append(best_scale)
+    packed = torch.cat(packed_rows).reshape(*wf.shape[:-1], K // 2)
+    block_scale = torch.cat(scale_rows).reshape(*wf.shape[:-1], K // BLOCK_SIZE)
+    return NVFP4Parts(packed, block_scale, s_dec.reshape(()))
+
+
+def _damped_inverse_cholesky(hessian: torch.Tensor, damp: float, dtype: torch.dtype) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; dead inputs get a unit diagonal."""
+    H = hessian.to(dtype).clone()
+    diag = torch.diagonal(H)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    mean_diag = float(diag.mean())
+    diag += damp * mean_diag
+    for attempt in range(6):
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            break
+        diag += damp * mean_diag * (10 ** attempt)  # not positive definite: add more damping
+    else:
+        raise ValueError("gptq: the calibration Hessian is not positive definite even after damping")
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, damp: float = 0.01,
+                      lazy_block: int = 128, name: str = "weight") -> NVFP4Parts:
+    """GPTQ on NVFP4 1x16 blocks (see the module docs). ``hessian``: ``[K, K]`` sum of ``x^T x``.
+
+    Computes in float64 when ``w`` is float64, else float32.
+    """
+    check_quantizable(w, name)
+    if w.ndim != 2:
+        raise ValueError(f"{name}: gptq needs a 2-D weight, got shape {tuple(w.shape)}")
+    N, K = w.shape
+    if hessian.shape != (K, K):
+        raise ValueError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match the weight's K={K}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError(f"{name}: the calibration Hessian has NaN/inf entries")
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    lazy_block = max(BLOCK_SIZE, lazy_block - lazy_block % BLOCK_SIZE)
+    W = w.detach().to(dtype).clone()
+    s_enc = global_encode_scale(_amax_of(w, global_amax))
+    s_dec = decode_from_encode(s_enc)
+    U = _damped_inverse_cholesky(hessian, damp, dtype)
+    codes = torch.zeros(N, K, dtype=torch.uint8)
+    scales = torch.zeros(N, K // BLOCK_SIZE, dtype=torch.float8_e4m3fn)
+    for i1 in range(0, K, lazy_block):
+        i2 = min(i1 + lazy_block, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        enc_b = deq_b = None
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % BLOCK_SIZE == 0:
+                g = col // BLOCK_SIZE
+                s_b = nvfp4_block_scale(W1[:, i:i + BLOCK_SIZE].abs().amax(-1).float(), s_enc)
+                scales[:, g] = s_b
+                enc_b = nvfp4_block_encode_scale(s_b, s_dec)
+                deq_b = (s_b.float() * s_dec).to(dtype)
+            wcol = W1[:, i]
+            c = e2m1_round_nearest(torch.clamp(wcol.float() * enc_b, -E2M1_MAX, E2M1_MAX))
+            codes[:, col] = c
+            q = e2m1_decode(c, dtype) * deq_b
+            err = (wcol - q) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        if i2 < K:
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return NVFP4Parts(pack_nibbles(codes), scales, s_dec.reshape(()))
+
+
+def nvfp4_weight_parts(w: torch.Tensor, method: str = "max", global_amax=None, hessian: torch.Tensor | None = None,
+                       name: str = "weight", gptq_damp: float = 0.01) -> NVFP4Parts:
+    """Quantize a weight ``[N, K]`` to NVFP4 parts with one of ``WEIGHT_SCALE_METHODS``."""
+    if method == "max":
+        return quantize_parts(w.detach(), global_amax=_amax_of(w, global_amax), name=name)
+    if method == "4over6":
+        return quantize_parts(w.detach(), global_amax=_amax_of(w, global_amax), scale_rule="4over6", name=name)
+    if method == "mse":
+        return mse_weight_parts(w, global_amax, name=name)
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError(f"{name}: weight scale 'gptq' needs the calibration Hessian of this layer's inputs")
+        return gptq_weight_parts(w, hessian, global_amax, damp=gptq_damp, name=name)
+    raise ValueError(f"weight scale method must be one of {', '.join(WEIGHT_SCALE_METHODS)}, got {method!r}")
+
+
+# ----------------------------------------------------------------------------- FP8 (per-tensor)
+
+
+def fp8_weight(w: torch.Tensor, global_amax=None, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor FP8 E4M3: ``(weight_fp8, decode_scale)`` with ``decode_scale = amax / 448``."""
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"{name}: FP8 quantizes floating tensors, got {w.dtype}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name}: contains NaN/inf values; FP8 E4M3 has no encoding for them here")
+    amax = _amax_of(w, global_amax)
+    scale = fp8_scale_from_amax(amax)
+    return e4m3_rtne(w.detach().float() / scale), scale
+
+
+def fp8_scale_from_amax(amax) -> torch.Tensor:
+    """FP8 decode scale ``amax / 448`` (1.0 for a zero amax)."""
+    a = torch.as_tensor(amax, dtype=torch.float32).reshape(())
+    return torch.where(a > 0, a / E4M3_MAX, torch.ones_like(a))
+
+
+def global_range(method: str) -> float:
+    """The range the tensor amax maps to for this method (6*448, or 6*256 for Four Over Six)."""
+    return FOUR_OVER_SIX_RANGE if method == "4over6" else NVFP4_RANGE
+
+
+__all__ = [
+    "WEIGHT_SCALE_METHODS",
+    "block_amax",
+    "fp8_scale_from_amax",
+    "fp8_weight",
+    "gptq_weight_parts",
+    "mse_weight_parts",
+    "nvfp4_weight_parts",
+]

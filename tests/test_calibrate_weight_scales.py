@@ -1,0 +1,184 @@
+"""Weight-scale methods: mse never worse than max per block, GPTQ against a dense reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nvfp4kit.calibrate.weight_scales import (
+    fp8_weight,
+    gptq_weight_parts,
+    mse_weight_parts,
+    nvfp4_weight_parts,
+)
+from nvfp4kit.formats.nvfp4 import dequantize_parts, quantize_parts
+from nvfp4kit.formats.scales import global_encode_scale, nvfp4_block_scale
+
+
+def _deq(p):
+    return dequantize_parts(p.packed, p.block_scale, p.global_decode_scale, torch.float64)
+
+
+def _block_sq_err(w, w_hat):
+    d = (w_hat.double() - w.double()).reshape(w.shape[0], -1, 16)
+    return d.square().sum(-1)
+
+
+@settings(max_examples=40)
+@given(
+    rows=st.integers(1, 9),
+    blocks=st.integers(1, 5),
+    seed=st.integers(0, 2**31 - 1),
+    heavy=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_mse_never_worse_than_max_on_any_block(rows, blocks, seed, heavy, dtype):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, blocks * 16, generator=g)
+    if heavy:  # outliers make clipping worthwhile
+        w = w * torch.where(torch.rand(w.shape, generator=g) < 0.05, 15.0, 1.0)
+    w = w.to(dtype)
+    p_max = quantize_parts(w)
+    p_mse = mse_weight_parts(w)
+    assert torch.equal(p_mse.global_decode_scale, p_max.global_decode_scale)
+    e_max = _block_sq_err(w, _deq(p_max))
+    e_mse = _block_sq_err(w, _deq(p_mse))
+    assert bool((e_mse <= e_max).all())
+
+
+def test_mse_improves_gaussian_weights_and_keeps_zero_blocks():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g)
+    w[3, 16:32] = 0.0
+    e_max = (_deq(quantize_parts(w)) - w.double()).square().sum()
+    p = mse_weight_parts(w)
+    e_mse = (_deq(p) - w.double()).square().sum()
+    assert e_mse < 0.97 * e_max  # clipping the block max pays off on Gaussian data
+    assert float(p.block_scale[3, 1].float()) == 0.0
+    assert torch.all(_deq(p)[3, 16:32] == 0)
+
+
+def test_mse_candidates_are_the_search_space():
+    # brute force over every E4M3 scale code for one block: mse must find the best within its offsets
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1, 16, generator=g) * 3
+    p = mse_weight_parts(w, offsets=tuple(range(-126, 127)))
+    s_enc = global_encode_scale(w.abs().amax())
+    s_dec = 1.0 / s_enc
+    best = None
+    for code in range(1, 127):
+        s = torch.tensor([code], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item()
+        vals = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)
+        step = s * float(s_dec)
+        # nearest grid magnitude, independently of the library's rounding (ties: either is fine here)
+        mags = (w.double().abs() / step).clamp(max=6)
+        q = vals[(mags.unsqueeze(-1) - vals).abs().argmin(-1)] * step * torch.sign(w.double())
+        err = float((q - w.double()).square().sum())
+        best = err if best is None else min(best, err)
+    got = float((_deq(p) - w.double()).square().sum())
+    assert got <= best * (1 + 1e-6)  # float32 scale products vs float64 here
+
+
+def _reference_gptq(w, H, damp=0.01):
+    """Plain float64 OBQ-style loop: explicit inverse-Hessian updates, no Cholesky, no lazy batches."""
+    W = w.double().clone()
+    N, K = W.shape
+    H = H.double().clone()
+    d = torch.diagonal(H)
+    d[d <= 0] = 1.0
+    d += damp * float(d.mean())
+    Hinv = torch.linalg.inv(H)
+    s_enc = global_encode_scale(w.abs().amax())
+    s_dec = (1.0 / s_enc).double()
+    vals = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)
+    Q = torch.zeros_like(W)
+    for i in range(K):
+        if i % 16 == 0:
+            s_b = nvfp4_block_scale(W[:, i:i + 16].abs().amax(-1).float(), s_enc).double()
+            step = s_b * s_dec
+        x = (W[:, i] / step).nan_to_num(0.0)
+        mags = x.abs().clamp(max=6)
+        q = vals[(mags.unsqueeze(-1) - vals).abs().argmin(-1)] * torch.sign(x) * step
+        Q[:, i] = q
+        e = (W[:, i] - q) / Hinv[i, i]
+        W[:, i + 1:] -= e.unsqueeze(1) * Hinv[i, i + 1:].unsqueeze(0)
+        # remove row/col i from the inverse (Schur complement)
+        Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]
+    return Q
+
+
+def _correlated(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    # a few latent factors plus a little noise: strongly correlated inputs, as in real layers
+    B = torch.randn(k // 4, k, generator=g)
+    scales = torch.linspace(0.2, 3.0, k)
+    return (torch.randn(n, k // 4, generator=g) @ B + 0.1 * torch.randn(n, k, generator=g)) * scales
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gptq_matches_dense_reference(seed):
+    X = _correlated(512, 64, seed).double()
+    g = torch.Generator().manual_seed(100 + seed)
+    w = torch.randn(24, 64, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    p = gptq_weight_parts(w, H, lazy_block=32)
+    got = _deq(p)
+    ref = _reference_gptq(w, H)
+    # same algorithm, different algebra (Cholesky vs explicit inverse): values agree up to rare ties
+    same = torch.isclose(got, ref, rtol=1e-6, atol=0)
+    assert same.double().mean() > 0.995
+    out_got = (X @ (w - got).T).norm()
+    out_ref = (X @ (w - ref).T).norm()
+    assert abs(float(out_got - out_ref)) <= 0.02 * float(out_ref)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_gptq_reduces_layer_output_error_vs_rtn(seed):
+    X = _correlated(1024, 128, seed)
+    g = torch.Generator().manual_seed(7 + seed)
+    w = torch.randn(48, 128, generator=g)
+    H = X.T @ X
+    rtn = dequantize_parts(*_parts_tuple(quantize_parts(w)))
+    gq = dequantize_parts(*_parts_tuple(gptq_weight_parts(w, H)))
+    err_rtn = (X @ (w - rtn).T).norm()
+    err_gptq = (X @ (w - gq).T).norm()
+    assert err_gptq < 0.85 * err_rtn
+
+
+def _parts_tuple(p):
+    return p.packed, p.block_scale, p.global_decode_scale
+
+
+def test_gptq_dead_inputs_and_shape_errors():
+    X = _correlated(256, 32, 5)
+    X[:, 5] = 0.0  # an input that never fires
+    w = torch.randn(8, 32)
+    p = gptq_weight_parts(w, X.T @ X)
+    assert torch.isfinite(_deq(p)).all()
+    with pytest.raises(ValueError, match="Hessian shape"):
+        gptq_weight_parts(w, torch.eye(16))
+    with pytest.raises(ValueError, match="needs the calibration Hessian"):
+        nvfp4_weight_parts(w, "gptq")
+    with pytest.raises(ValueError, match="weight scale method"):
+        nvfp4_weight_parts(w, "bogus")
+
+
+def test_shared_global_amax_is_used_by_every_method():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 64, generator=g)
+    shared = float(w.abs().max()) * 3
+    X = _correlated(128, 64, 1)
+    expect = 1.0 / global_encode_scale(torch.tensor(shared))
+    for m in ("max", "mse", "gptq"):
+        p = nvfp4_weight_parts(w, m, global_amax=shared, hessian=X.T @ X)
+        assert torch.equal(p.global_decode_scale, expect.reshape(())), m
+    p46 = nvfp4_weight_parts(w, "4over6", global_amax=shared)
+    assert torch.equal(p46.global_decode_scale, (1.0 / global_encode_scale(torch.tensor(shared), 6 * 256)).reshape(()))
+
+
+def test_fp8_weight_roundtrip_and_scale():
+    w = torch.tensor([[0.0, 1.0, -448.0 * 2, 3.5]])
+    q, s = fp8_weight(w)
+    assert float(s) == pytest.approx(896 / 448)
+    assert q.dtype == torch.float8_e4m3fn
+    assert torch.equal(q.float() * s, torch.tensor([[0.0, 1.0, -896.0, 3.5]]))
