@@ -1,0 +1,300 @@
+"""Emulated low-precision linear layers: autograd functions for NVFP4 (the pretraining recipe),
+MXFP8 and per-tensor FP8, exact on any device.
+
+NVFP4 recipe (arXiv 2509.25149; ``numerics.md`` section 4), for ``y = x W^T + b`` with x ``[T, K]``
+and W ``[N, K]``:
+
+* fprop  ``y  = Q1x16(x) @ Q16x16(W)^T``           (round to nearest even)
+* dgrad  ``dx = Q1x16_SR(dy) @ Q16x16(W)``          (the same 2D-quantized W, transposed exactly;
+  with 1D weights W is re-quantized with blocks along N)
+* wgrad  ``dW = Q1x16_SR(RHT(dy^T)) @ Q1x16(RHT(x^T))^T``  (16-point random Hadamard transform
+  along the token dim on both operands, so it cancels in the product; tokens are zero-padded to a
+  multiple of the block size, which adds nothing to the sum)
+
+Every element is a switch of :class:`~nvfp4kit.formats.linear.LinearPrecision`. The global amax of
+every operand is recomputed on every call (current scaling), after the RHT for the wgrad operands;
+:func:`set_amax_reduction` makes activation/gradient amaxes global across a process group.
+
+GEMMs multiply exact float32 operand values (E2M1 value times E4M3 block scale; E4M3 times an
+E8M0/fp32 scale for the FP8 formats) and accumulate in float32, as a tensor core does; autocast is
+switched off inside, so the result is the same under ``torch.autocast``. Stochastic rounding draws
+from torch's default generator of the device (checkpoint its state for exact resume), in this order
+per backward call: the dgrad ``dy`` ``[T, N]`` first, then the wgrad ``dy^T`` ``[N, T_pad]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.dispatch import quantize_parts
+from .gemm import nvfp4_gemm
+from .hadamard import DEFAULT_RHT_SIGN, RHT_SIZE, rht
+from .linear import LinearPrecision
+from .mx import MX_BLOCK_SIZE, mx_dequantize, mx_quantize
+from .nvfp4 import BLOCK_1D, BLOCK_2D, BLOCK_SIZE, NVFP4Parts, transpose_2d_parts
+from .scales import E4M3_MAX, e4m3_rtne
+
+_AMAX_GROUP = None
+_AMAX_REDUCE = False
+
+
+def set_amax_reduction(group=None, enabled: bool = True) -> None:
+    """Reduce (MAX) the global amax of activations and gradients across ``group`` (a
+    ``torch.distributed`` process group; None = the default group), so data-parallel ranks quantize
+    with the amax of the whole global batch. ``enabled=False`` switches it off."""
+    global _AMAX_GROUP, _AMAX_REDUCE
+    _AMAX_GROUP = group
+    _AMAX_REDUCE = bool(enabled)
+
+
+def _global_amax(t: torch.Tensor) -> torch.Tensor:
+    amax = t.abs().amax().float() if t.numel() else torch.zeros((), dtype=torch.float32, device=t.device)
+    if _AMAX_REDUCE:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            amax = amax.clone()
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=_AMAX_GROUP)
+    return amax
+
+
+@lru_cache(maxsize=None)
+def default_rht_sign(size: int) -> tuple[int, ...]:
+    """The fixed sign vector of a ``size``-point RHT: Transformer Engine's for 16 points, a fixed
+    pseudo-random one (seed 0) for other sizes."""
+    if size == RHT_SIZE:
+        return DEFAULT_RHT_SIGN
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2, (size,), generator=g)
+    return tuple(int(v) for v in (1 - 2 * bits))
+
+
+def _check_rht_size(size: int) -> None:
+    if size < BLOCK_SIZE or size & (size - 1):
+        raise ValueError(f"LinearPrecision.rht_size must be a power of two >= {BLOCK_SIZE}, got {size}")
+
+
+def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -t.shape[0] % multiple
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+def _check_features(name: str, n: int, multiple: int, fmt: str, what: str) -> None:
+    if n % multiple:
+        raise ValueError(
+            f"{name}: {what} {n} is not a multiple of {multiple}, which {fmt} needs "
+            f"(keep this Linear in bf16, or pad the layer)"
+        )
+
+
+def _no_autocast(device_type: str):
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype if x.dtype.is_floating_point else torch.float32
+
+
+# ----------------------------------------------------------------------------- NVFP4 recipe
+
+
+def _q(t: torch.Tensor, block=BLOCK_1D, rounding="nearest", scale_rule="max", name="input") -> NVFP4Parts:
+    return quantize_parts(
+        t, block=block, rounding=rounding, global_amax=_global_amax(t) if _AMAX_REDUCE else None,
+        scale_rule=scale_rule, backend="auto", name=name,
+    )
+
+
+def quantize_weight(weight: torch.Tensor, precision: LinearPrecision) -> NVFP4Parts:
+    """The fprop weight operand: 16x16 blocks (or 1x16), Four Over Six scales if switched on."""
+    return quantize_parts(
+        weight, block=BLOCK_2D if precision.weight_2d else BLOCK_1D, rounding="nearest",
+        scale_rule="4over6" if precision.four_over_six else "max", backend="auto", name="weight",
+    )
+
+
+def wgrad_operands(dy: torch.Tensor, x: torch.Tensor, precision: LinearPrecision) -> tuple[NVFP4Parts, NVFP4Parts]:
+    """Quantized ``dy^T`` ``[N, T_pad]`` and ``x^T`` ``[K, T_pad]`` of the wgrad GEMM (blocks along tokens)."""
+    multiple = BLOCK_SIZE
+    if precision.rht:
+        _check_rht_size(precision.rht_size)
+        multiple = max(multiple, precision.rht_size)
+    dy_t = _pad_rows(dy, multiple).t()
+    x_t = _pad_rows(x, multiple).t()
+    if precision.rht:
+        sign = precision.rht_sign if precision.rht_sign is not None else default_rht_sign(precision.rht_size)
+        dy_t = rht(dy_t.float(), dim=-1, sign=sign, size=precision.rht_size)
+        x_t = rht(x_t.float(), dim=-1, sign=sign, size=precision.rht_size)
+    sr = "stochastic" if precision.stochastic_rounding else "nearest"
+    q_dy = _q(dy_t, rounding=sr, name="grad_output^T")
+    q_x = _q(x_t, name="input^T")
+    return q_dy, q_x
+
+
+class NVFP4RecipeLinear(torch.autograd.Function):
+    """``x [T, K] @ W [N, K]^T + b`` with the NVFP4 pretraining recipe (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, precision: LinearPrecision, out_dtype):
+        with _no_autocast(x.device.type):
+            q_x = _q(x, name="input")
+            q_w = quantize_weight(weight, precision)
+            y = nvfp4_gemm(q_x, q_w)
+            if bias is not None:
+                y = y + bias.float()
+        ctx.precision = precision
+        ctx.x_dtype = x.dtype
+        ctx.w_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        ctx.q_w = q_w if precision.weight_2d else None
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        p: LinearPrecision = ctx.precision
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        sr = "stochastic" if p.stochastic_rounding else "nearest"
+        with _no_autocast(dy.device.type):
+            if need_x:
+                q_dy = _q(dy, rounding=sr, name="grad_output")
+                if p.weight_2d:
+                    q_wt = transpose_2d_parts(ctx.q_w)  # the fprop W, transposed exactly: [K, N]
+                else:
+                    q_wt = quantize_parts(weight.t(), block=BLOCK_1D, backend="auto", name="weight^T")
+                dx = nvfp4_gemm(q_dy, q_wt).to(ctx.x_dtype)
+            if need_w:
+                q_dy_t, q_x_t = wgrad_operands(dy, x, p)
+                dw = nvfp4_gemm(q_dy_t, q_x_t).to(ctx.w_dtype)
+            if need_b and ctx.has_bias:
+                db = dy.float().sum(0)
+        ctx.q_w = None
+        return dx, dw, db, None, None
+
+
+# ----------------------------------------------------------------------------- MXFP8 and FP8
+
+
+def _mxfp8(t: torch.Tensor, name: str) -> torch.Tensor:
+    """MXFP8 (E4M3, one E8M0 scale per 32 along the last dim) values in float32."""
+    return mx_dequantize(mx_quantize(t, "e4m3", name=name))
+
+
+class MXFP8Linear(torch.autograd.Function):
+    """All three GEMMs with MXFP8 operands, each blocked along its own reduction dim."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_dtype):
+        with _no_autocast(x.device.type):
+            y = _mxfp8(x, "input") @ _mxfp8(weight, "weight").t()
+            if bias is not None:
+                y = y + bias.float()
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        with _no_autocast(dy.device.type):
+            if need_x:
+                dx = (_mxfp8(dy, "grad_output") @ _mxfp8(weight.t(), "weight^T").t()).to(x.dtype)
+            if need_w:
+                dy_t = _pad_rows(dy, MX_BLOCK_SIZE).t()
+                x_t = _pad_rows(x, MX_BLOCK_SIZE).t()
+                dw = (_mxfp8(dy_t, "grad_output^T") @ _mxfp8(x_t, "input^T").t()).to(weight.dtype)
+            if need_b and ctx.has_bias:
+                db = dy.float().sum(0)
+        return dx, dw, db, None
+
+
+def fp8_tensor(t: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-tensor E4M3 with current scaling (``scale = 448 / amax``), as float32 values."""
+    tf = t.float()
+    if amax is None:
+        amax = _global_amax(tf)
+    scale = torch.where(amax > 0, E4M3_MAX / amax, torch.ones_like(amax))
+    return e4m3_rtne(tf * scale).float() / scale
+
+
+class FP8Linear(torch.autograd.Function):
+    """All three GEMMs with per-tensor E4M3 operands (current scaling)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_dtype):
+        with _no_autocast(x.device.type):
+            w8 = fp8_tensor(weight, weight.detach().abs().amax().float())
+            y = fp8_tensor(x) @ w8.t()
+            if bias is not None:
+                y = y + bias.float()
+        ctx.save_for_backward(x, w8)
+        ctx.has_bias = bias is not None
+        ctx.w_dtype = weight.dtype
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w8 = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        with _no_autocast(dy.device.type):
+            dy8 = fp8_tensor(dy)
+            if need_x:
+                dx = (dy8 @ w8).to(x.dtype)
+            if need_w:
+                dw = (dy8.t() @ fp8_tensor(x)).to(ctx.w_dtype)
+            if need_b and ctx.has_bias:
+                db = dy.float().sum(0)
+        return dx, dw, db, None
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def emulated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision) -> torch.Tensor:
+    """``x @ weight.T + bias`` in ``precision`` (a LinearPrecision), emulated exactly in float32.
+
+    ``x`` is ``[..., K]`` (float32 or bfloat16), ``weight`` ``[N, K]`` (float32 master weights).
+    The output has ``x``'s dtype, or the autocast dtype inside ``torch.autocast``.
+    """
+    if not isinstance(precision, LinearPrecision):
+        raise TypeError(f"emulated_linear: precision must be a LinearPrecision, got {type(precision).__name__}")
+    if weight.ndim != 2:
+        raise ValueError(f"emulated_linear: weight must be [out_features, in_features], got {tuple(weight.shape)}")
+    K = weight.shape[1]
+    if x.shape[-1] != K:
+        raise ValueError(f"emulated_linear: input last dim {x.shape[-1]} does not match weight in_features {K}")
+    fmt = precision.format
+    if fmt == "bf16":
+        return F.linear(x, weight, bias)
+    N = weight.shape[0]
+    out_dtype = _out_dtype(x)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if fmt == "nvfp4":
+        _check_features("nvfp4 linear", K, BLOCK_SIZE, "NVFP4", "in_features")
+        _check_features("nvfp4 linear", N, BLOCK_SIZE, "NVFP4", "out_features")
+        y = NVFP4RecipeLinear.apply(x2, weight, bias, precision, out_dtype)
+    elif fmt == "mxfp8":
+        _check_features("mxfp8 linear", K, MX_BLOCK_SIZE, "MXFP8", "in_features")
+        _check_features("mxfp8 linear", N, MX_BLOCK_SIZE, "MXFP8", "out_features")
+        y = MXFP8Linear.apply(x2, weight, bias, out_dtype)
+    elif fmt == "fp8":
+        y = FP8Linear.apply(x2, weight, bias, out_dtype)
+    else:
+        raise ValueError(f"emulated_linear: unknown format {fmt!r}")
+    return y.reshape(*lead, N)
