@@ -1,0 +1,71 @@
+"""Parameter counts (total and active per token) of a model or config, on the meta device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import NemotronConfig
+
+
+@dataclass
+class ParamCounts:
+    total: int  # backbone + lm_head (MTP excluded, as published)
+    active: int  # per token: every weight except the routed experts a token does not visit
+    mtp_total: int
+    mtp_active: int
+    by_block: dict = field(default_factory=dict)  # block type / part -> total parameters
+
+    @property
+    def total_with_mtp(self) -> int:
+        return self.total + self.mtp_total
+
+
+def _moe_inactive(mixer) -> int:
+    per_expert = sum(p.numel() for p in mixer.experts[0].parameters())
+    return per_expert * (mixer.gate.num_experts - mixer.gate.top_k)
+
+
+def count_parameters(model_or_config) -> ParamCounts:
+    """Counts for a model, or for a config (the model is built on the meta device: no allocation)."""
+    from .lm import NemotronForCausalLM
+
+    if isinstance(model_or_config, NemotronConfig):
+        model = NemotronForCausalLM(model_or_config, device="meta")
+    else:
+        model = model_or_config
+    by_block: dict[str, int] = {}
+    total = inactive = 0
+    seen = set()
+
+    def add(key, n):
+        by_block[key] = by_block.get(key, 0) + n
+
+    for name, p in list(model.backbone.named_parameters(prefix="backbone")) + list(
+            model.lm_head.named_parameters(prefix="lm_head")):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        part = model.layer_of(name)
+        add(part[2] or ("embeddings" if "embeddings" in name else "head" if "lm_head" in name else "norm_f"),
+            p.numel())
+    for blk in model.backbone.layers:
+        if blk.block_type == "moe":
+            inactive += _moe_inactive(blk.mixer)
+    mtp_total = mtp_inactive = 0
+    if model.mtp is not None:
+        mtp_total = sum(p.numel() for p in model.mtp.parameters())
+        for blk in model.mtp.layers:
+            if blk.block_type == "moe":
+                mtp_inactive += _moe_inactive(blk.mixer)
+    return ParamCounts(total, total - inactive, mtp_total, mtp_total - mtp_inactive, by_block)
+
+
+def checkpoint_tensors(config: NemotronConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor name of the released checkpoint layout with its shape and dtype (meta device)."""
+    from .lm import NemotronForCausalLM
+
+    model = NemotronForCausalLM(config, device="meta")
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
