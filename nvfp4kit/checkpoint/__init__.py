@@ -1,1 +1,90 @@
-"""nvfp4kit.checkpoint"""
+"""On-disk quantized checkpoints: modelopt HF and compressed-tensors, read and written.
+
+The in-memory records (:mod:`.types`) are format independent: a :class:`QuantizedModel` holds
+``linears`` (module name -> :class:`QuantizedLinearWeight`: NVFP4 parts with the DECODE-direction
+global scale, or FP8, or bf16), ``tensors`` (everything else by checkpoint name), the HF ``config``,
+``exclude_modules`` (fnmatch patterns), ``source_dir`` (tokenizer files) and the FP8 KV-cache amaxes.
+
+Writing::
+
+    from nvfp4kit.checkpoint import save_quantized
+    save_quantized(model, "out/Model-NVFP4")                               # modelopt HF (default)
+    save_quantized(model, "out/Model-NVFP4-ct", format="compressed-tensors",
+                   max_shard_size="2GB", overwrite=False)
+
+    The output is written to a temporary directory beside ``out`` and renamed when complete; an
+    existing output directory is refused unless ``overwrite=True``. Fused groups (q/k/v, gate/up) must
+    share one weight global scale (``strict_fused=False`` turns the error into a warning); use
+    :func:`shared_global_amax_groups` when quantizing to get the groups.
+
+Reading::
+
+    from nvfp4kit.checkpoint import load_quantized, detect_format, dequantized_state_dict
+    info = detect_format("nvidia/Some-NVFP4")     # .format: modelopt | compressed-tensors | unquantized
+    model = load_quantized("nvidia/Some-NVFP4")   # QuantizedModel (CPU tensors, safetensors only)
+    sd = dequantized_state_dict(model, torch.bfloat16)   # plain HF state dict
+
+Converting and streaming (bounded memory, one tensor / module at a time)::
+
+    from nvfp4kit.checkpoint import convert_checkpoint, quantize_checkpoint
+    convert_checkpoint("Model-NVFP4", "Model-NVFP4-ct", to="compressed-tensors")   # exact: rename,
+        # same bytes for codes and block scales, global scales replaced by their float32 reciprocals
+    quantize_checkpoint("Model-bf16", "Model-NVFP4", scheme="nvfp4", exclude=["lm_head", "*.0.*"])
+
+Errors are :class:`CheckpointError` (a ``ValueError``) naming the file, tensor or option at fault.
+"""
+
+from .errors import CheckpointError
+from .layout import dequantize_linear, dequantized_state_dict, scheme_of, validate_linear, validate_model
+from .quantized import (
+    COMPRESSED_TENSORS,
+    MODELOPT,
+    UNQUANTIZED,
+    WRITE_FORMATS,
+    CheckpointInfo,
+    RecordWriter,
+    detect_format,
+    iter_records,
+    load_quantized,
+    save_quantized,
+)
+from .reader import CheckpointReader
+from .rules import (
+    DEFAULT_EXCLUDE,
+    FUSED_SIBLINGS,
+    check_exclude_patterns,
+    check_shared_global_scales,
+    is_excluded,
+    shared_global_amax_groups,
+)
+from .types import QuantizedLinearWeight, QuantizedModel
+from .writer import ShardedWriter
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointReader",
+    "COMPRESSED_TENSORS",
+    "DEFAULT_EXCLUDE",
+    "FUSED_SIBLINGS",
+    "MODELOPT",
+    "QuantizedLinearWeight",
+    "QuantizedModel",
+    "RecordWriter",
+    "ShardedWriter",
+    "UNQUANTIZED",
+    "WRITE_FORMATS",
+    "check_exclude_patterns",
+    "check_shared_global_scales",
+    "dequantize_linear",
+    "dequantized_state_dict",
+    "detect_format",
+    "is_excluded",
+    "iter_records",
+    "load_quantized",
+    "save_quantized",
+    "scheme_of",
+    "shared_global_amax_groups",
+    "validate_linear",
+    "validate_model",
+]

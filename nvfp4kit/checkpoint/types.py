@@ -50,6 +50,8 @@ class QuantizedModel:
     ``config``: the HF ``config.json`` dict of the source model (without quantization_config).
     ``exclude_modules``: fnmatch patterns of modules left unquantized.
     ``source_dir``: where tokenizer / generation files are copied from (optional).
+    ``kv_cache_format``: None, or ``"fp8"`` for a static FP8 KV cache; then ``kv_cache_amax`` maps each
+    attention module (e.g. ``model.layers.3.self_attn``) to its calibrated ``(k_amax, v_amax)``.
     """
 
     linears: dict[str, QuantizedLinearWeight] = field(default_factory=dict)
@@ -58,3 +60,4 @@ class QuantizedModel:
     exclude_modules: list[str] = field(default_factory=list)
     source_dir: str | None = None
     kv_cache_format: str | None = None
+    kv_cache_amax: dict[str, tuple[float, float]] = field(default_factory=dict)

@@ -1,0 +1,236 @@
+"""Sharded, atomic safetensors writer.
+
+Tensors are buffered until a shard reaches ``max_shard_bytes``, then written to a temporary
+directory beside the output (same parent, so the final ``os.rename`` is atomic). Only when
+everything is written are the shards renamed ``model-0000i-of-0000n.safetensors``, the index
+``model.safetensors.index.json`` written (a single shard is ``model.safetensors``, as transformers
+does), and the directory renamed into place. An interrupted or failed run removes the temporary
+directory: no half-written checkpoint is ever visible under the output name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .reader import INDEX_NAME, SINGLE_NAME
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+# Files copied from the source model directory: tokenizer, generation settings, chat templates,
+# remote modeling code, and the model card / licence. Weights and configs are written anew.
+COPY_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.tiktoken",
+    "generation_config.json",
+    "chat_template*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "*.py",
+    "README*",
+    "LICENSE*",
+)
+
+
+def parse_size(size) -> int:
+    """``5GB``, ``500MB``, ``1.5GiB`` or an int number of bytes -> bytes."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise CheckpointError(f"max shard size must be positive, got {size}")
+        return size
+    s = str(size).strip().upper()
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            try:
+                value = float(s[: -len(u)])
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value * mult)
+    else:
+        if s.isdigit() and int(s) > 0:
+            return int(s)
+    raise CheckpointError(f"cannot read shard size {size!r} (use e.g. 5GB, 500MB, 2GiB)")
+
+
+def files_to_copy(source_dir) -> list[Path]:
+    """Top-level files of ``source_dir`` matching :data:`COPY_PATTERNS`."""
+    src = Path(source_dir)
+    if not src.is_dir():
+        return []
+    out = []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and any(p.match(pat) for pat in COPY_PATTERNS):
+            out.append(p)
+    return out
+
+
+def check_output_dir(out_dir, overwrite: bool = False, sources=()) -> Path:
+    """Validate an output directory before any work starts; returns it as an absolute Path."""
+    out = Path(out_dir).absolute()
+    for s in sources:
+        if s is not None and Path(s).absolute().resolve() == out.resolve():
+            raise CheckpointError(f"output directory {out} is the source checkpoint; choose another --out")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True (--overwrite)")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {out} exists and is not a directory")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"parent directory {out.parent} of the output does not exist")
+    return out
+
+
+class ShardedWriter:
+    """Write a checkpoint directory atomically, one tensor at a time.
+
+    Use as a context manager: the output appears only if the ``with`` block completes::
+
+        with ShardedWriter(out_dir, max_shard_bytes=2 * 1024**3) as w:
+            w.add("model.embed_tokens.weight", emb)
+            w.write_json("config.json", config)
+            w.copy_from(source_dir)
+        # out_dir now holds model-0000i-of-0000n.safetensors + index, config.json, tokenizer files
+    """
+
+    def __init__(self, out_dir, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, sources=()):
+        self.out = check_output_dir(out_dir, overwrite, sources)
+        self.overwrite = overwrite
+        self.max_shard_bytes = parse_size(max_shard_bytes)
+        self.tmp: Path | None = None
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[str, list[str], int]] = []  # (temp file name, names, bytes)
+        self._names: set[str] = set()
+        self._finished = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "ShardedWriter":
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException:
+                self._abort()
+                raise
+        else:
+            self._abort()
+        return False
+
+    def _abort(self) -> None:
+        self._buffer.clear()
+        if self.tmp is not None and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _need_open(self) -> Path:
+        if self.tmp is None or self._finished:
+            raise RuntimeError("ShardedWriter: use it as a context manager (with ShardedWriter(...) as w:)")
+        return self.tmp
+
+    # ------------------------------------------------------------------ content
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor (written when its shard fills up)."""
+        self._need_open()
+        if name in self._names:
+            raise CheckpointError(f"tensor {name!r} written twice")
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            raise CheckpointError(f"tensor {name!r}: expected a plain torch.Tensor, got {type(tensor).__name__}")
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self._buffer[name] = t
+        self._buffer_bytes += nbytes
+        self._names.add(name)
+
+    def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            self.add(k, v)
+
+    def flush(self) -> None:
+        """Write the buffered tensors as one shard now."""
+        from safetensors.torch import save_file
+
+        tmp = self._need_open()
+        if not self._buffer:
+            return
+        fname = f"shard-{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._buffer, str(tmp / fname), metadata={"format": "pt"})
+        self._shards.append((fname, list(self._buffer), self._buffer_bytes))
+        self._buffer = {}
+        self._buffer_bytes = 0
+
+    def write_json(self, fname: str, obj: dict) -> None:
+        tmp = self._need_open()
+        with open(tmp / fname, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    def copy_from(self, source_dir, skip=()) -> list[str]:
+        """Copy tokenizer / generation / model-card files of ``source_dir``; returns their names."""
+        tmp = self._need_open()
+        copied = []
+        for p in files_to_copy(source_dir):
+            if p.name in skip or (tmp / p.name).exists():
+                continue
+            shutil.copy2(p, tmp / p.name)
+            copied.append(p.name)
+        return copied
+
+    # ------------------------------------------------------------------ finish
+
+    def _finish(self) -> None:
+        self.flush()
+        tmp = self._need_open()
+        if not self._shards:
+            raise CheckpointError(f"no tensors were written to {self.out}")
+        n = len(self._shards)
+        if n == 1:
+            os.rename(tmp / self._shards[0][0], tmp / SINGLE_NAME)
+        else:
+            weight_map = {}
+            total = 0
+            for i, (fname, names, nbytes) in enumerate(self._shards, start=1):
+                final = f"model-{i:05d}-of-{n:05d}.safetensors"
+                os.rename(tmp / fname, tmp / final)
+                for name in names:
+                    weight_map[name] = final
+                total += nbytes
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+        self._finished = True
+        self._move_into_place(tmp)
+
+    def _move_into_place(self, tmp: Path) -> None:
+        if self.out.exists():
+            if not self.overwrite:  # appeared while we were writing
+                raise CheckpointError(f"output directory {self.out} appeared while writing; not overwriting it")
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.rename(self.out, trash / "old")
+            try:
+                os.rename(tmp, self.out)
+            except BaseException:
+                os.rename(trash / "old", self.out)
+                raise
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, self.out)
+        self.tmp = None
