@@ -27,13 +27,16 @@ Reading::
 Converting and streaming (bounded memory, one tensor / module at a time)::
 
     from nvfp4kit.checkpoint import convert_checkpoint, quantize_checkpoint
-    convert_checkpoint("Model-NVFP4", "Model-NVFP4-ct", to="compressed-tensors")   # exact: rename,
-        # same bytes for codes and block scales, global scales replaced by their float32 reciprocals
-    quantize_checkpoint("Model-bf16", "Model-NVFP4", scheme="nvfp4", exclude=["lm_head", "*.0.*"])
+    # exact: codes and block scales copied byte for byte, global scales replaced by float32 reciprocals
+    convert_checkpoint("Model-NVFP4", "Model-NVFP4-ct", to="compressed-tensors")
+    convert_checkpoint("Model-NVFP4", "Model-bf16", to="bf16")          # dequantize
+    # weight-only NVFP4 of a bf16 checkpoint, one tensor at a time (peak memory ~ one shard)
+    quantize_checkpoint("Model-bf16", "Model-NVFP4", scheme="nvfp4", exclude=["model.layers.0.*"])
 
 Errors are :class:`CheckpointError` (a ``ValueError``) naming the file, tensor or option at fault.
 """
 
+from .convert import convert_checkpoint, dequantize_checkpoint
 from .errors import CheckpointError
 from .layout import dequantize_linear, dequantized_state_dict, scheme_of, validate_linear, validate_model
 from .quantized import (
@@ -49,6 +52,7 @@ from .quantized import (
     save_quantized,
 )
 from .reader import CheckpointReader
+from .streaming import quantize_checkpoint
 from .rules import (
     DEFAULT_EXCLUDE,
     FUSED_SIBLINGS,
@@ -76,12 +80,15 @@ __all__ = [
     "WRITE_FORMATS",
     "check_exclude_patterns",
     "check_shared_global_scales",
+    "convert_checkpoint",
+    "dequantize_checkpoint",
     "dequantize_linear",
     "dequantized_state_dict",
     "detect_format",
     "is_excluded",
     "iter_records",
     "load_quantized",
+    "quantize_checkpoint",
     "save_quantized",
     "scheme_of",
     "shared_global_amax_groups",

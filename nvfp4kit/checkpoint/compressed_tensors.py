@@ -18,7 +18,6 @@ All on-disk names of this format live here.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from typing import Iterator
 
@@ -30,7 +29,6 @@ from .errors import CheckpointError
 from .layout import (
     FP8,
     FP8_RANGE,
-    FP8_W8A16,
     NVFP4,
     NVFP4_ACT_RANGE,
     NVFP4_W4A16,
@@ -150,24 +148,62 @@ def _scheme_group(scheme: str, targets: list[str]) -> dict:
     }
 
 
+def _glob_to_regex(pattern: str) -> str:
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[" and "]" in pattern[i + 2 :]:
+            j = pattern.index("]", i + 2)
+            body = pattern[i + 1 : j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "^" + "".join(out) + "$"
+
+
 def ignore_entry(pattern: str) -> str:
-    """An fnmatch exclusion as a compressed-tensors ``ignore`` entry (plain names stay as they are)."""
+    """An fnmatch exclusion as a compressed-tensors ``ignore`` entry: plain names stay as they are,
+    wildcard patterns become ``re:^...$`` regexes (compressed-tensors and vLLM match ``re:`` entries)."""
     if pattern.startswith("re:") or not any(c in pattern for c in "*?["):
         return pattern
-    return "re:" + fnmatch.translate(pattern)
+    return "re:" + _glob_to_regex(pattern)
 
 
 def exclude_pattern(entry: str) -> str:
-    """Inverse of :func:`ignore_entry` where possible; other ``re:`` entries stay regexes."""
-    if entry.startswith("re:"):
-        rx = entry[3:]
-        m = re.fullmatch(r"\(\?s:(.*)\)\\Z", rx)
-        if m:
-            body = m.group(1)
-            candidate = body.replace(".*", "*").replace("\\.", ".")
-            if ignore_entry(candidate) == entry:
-                return candidate
-    return entry
+    """Inverse of :func:`ignore_entry` where the regex came from a glob; other ``re:`` entries stay."""
+    if not entry.startswith("re:"):
+        return entry
+    rx = entry[3:]
+    m = re.fullmatch(r"\^(.*)\$", rx)
+    if not m:
+        return entry
+    body, out, i = m.group(1), [], 0
+    while i < len(body):
+        if body.startswith(".*", i):
+            out.append("*")
+            i += 2
+        elif body[i] == ".":
+            out.append("?")
+            i += 1
+        elif body[i] == "\\" and i + 1 < len(body):
+            out.append(body[i + 1])
+            i += 2
+        elif body[i] == "[" and "]" in body[i + 1 :]:
+            j = body.index("]", i + 1)
+            cls = body[i + 1 : j]
+            out.append("[" + ("!" + cls[1:] if cls.startswith("^") else cls) + "]")
+            i = j + 1
+        else:
+            out.append(body[i])
+            i += 1
+    candidate = "".join(out)
+    return candidate if ignore_entry(candidate) == entry else entry
 
 
 def quant_config(

@@ -12,6 +12,7 @@ from .app import app
 # one module per command (or command group); each registers itself on ``app``
 COMMAND_MODULES = (
     "nvfp4kit.cli.formats_cmd",
+    "nvfp4kit.cli.convert_cmd",
 )
 
 for _name in COMMAND_MODULES:
