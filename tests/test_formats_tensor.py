@@ -148,6 +148,12 @@ def test_view_and_reshape_keep_whole_blocks():
         q2.reshape(2, 96, 16)
 
 
+def test_view_of_a_transposed_matrix_to_its_own_shape():
+    qt = nk.quantize(_x(16, 32)).t()
+    for v in (qt.view(32, 16), qt.reshape(32, 16), qt.view(-1, 16)):
+        assert type(v) is nk.NVFP4Tensor and torch.equal(v.dequantize(), qt.dequantize())
+
+
 def test_slicing_by_whole_blocks():
     x = _x(6, 64)
     q = nk.quantize(x)
@@ -211,6 +217,20 @@ def test_gemm_is_exact_when_the_sums_are():
     out = F.linear(qa, qb)
     np.testing.assert_array_equal(out.numpy(), ref.astype(np.float32))
     np.testing.assert_array_equal(out.numpy(), (a.double() @ b.double().t()).float().numpy())
+
+
+@pytest.mark.parametrize("n", [20, 40])
+def test_linear_with_a_2d_block_weight_whose_rows_are_not_whole_tiles(n):
+    """quantize(W, block=(16, 16)) accepts N % 16 != 0 (the last row tile is partial); such a weight
+    must still work in F.linear, with a plain or an NVFP4 activation."""
+    w = _x(n, 32, seed=10)
+    qw = nk.quantize(w, block=(16, 16))
+    x = _x(4, 32, seed=11)
+    out = F.linear(x, qw)
+    np.testing.assert_allclose(out.numpy(), (x.double() @ qw.dequantize().double().t()).numpy(), rtol=1e-5, atol=1e-5)
+    qx = nk.quantize(x)
+    out = F.linear(qx, qw)
+    np.testing.assert_allclose(out.numpy(), ref_gemm(qx, qw), rtol=1e-5, atol=1e-5)
 
 
 def test_nvfp4_gemm_function_and_mixed_operands():
@@ -304,3 +324,17 @@ def test_torch_compile_fullgraph_over_nvfp4_arguments():
 
     out = torch.compile(g, fullgraph=True, backend="aot_eager")(qw)
     assert type(out) is nk.NVFP4Tensor and torch.equal(out.dequantize(), qw.dequantize().t())
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_fullgraph_over_nvfp4_arguments():
+    torch._dynamo.reset()
+
+    def f(qx, qw, bias):
+        return torch.relu(F.linear(qx, qw, bias)) * 2
+
+    qx = nk.quantize(_x(8, 32, seed=1))
+    qw = nk.quantize(_x(16, 32, seed=2), block=(16, 16))
+    bias = _x(16, seed=3)
+    out = torch.compile(f, fullgraph=True)(qx, qw, bias)
+    torch.testing.assert_close(out, f(qx, qw, bias), rtol=1e-6, atol=1e-6)
