@@ -16,7 +16,9 @@ from test_formats_reference import (
     SHAPES_1D,
     f32_bits,
     random_input,
+    ref_e2m1_codes,
     ref_e2m1_value,
+    ref_e4m3,
     ref_quantize,
 )
 
@@ -317,3 +319,55 @@ def test_stochastic_rounding_keeps_grid_values():
     x = _sr_rows(values, 500)
     q = nk.quantize(x, rounding="stochastic", generator=torch.Generator().manual_seed(0), global_amax=2688.0)
     assert torch.equal(q.dequantize(), x)
+
+
+# ----------------------------------------------------------------------------- Four Over Six
+
+
+@given(SEEDS, SHAPES_1D, st.sampled_from(DTYPES), st.integers(-20, 20), KINDS, BLOCKS)
+def test_four_over_six_keeps_the_better_of_the_two_mappings(seed, shape, dtype, log2_scale, kind, block):
+    """Global scale from 6 * 256; per block (16x16: per tile) the scale maps the amax to 6 or to 4
+    (a 1.5x larger scale), whichever gives the lower squared error."""
+    if dtype == torch.float16:
+        log2_scale = max(min(log2_scale, 6), -6)
+    x = random_input(seed, shape, dtype, log2_scale, kind)
+    q = nk.quantize(x, block=block, scale_rule="4over6")
+    amax = np.float32(x.float().abs().max())
+    s_enc = np.float32(1536.0) / amax if amax > 0 else np.float32(1.0)
+    assert f32_bits(q.global_scale) == f32_bits(np.float32(1.0) / np.float32(s_enc))
+    xd = x.double().numpy()
+    g = float(q.global_scale)
+    amax_b = np.abs(xd).reshape(*xd.shape[:-1], -1, 16).max(-1)
+    if block == (16, 16):
+        a = amax_b.reshape(-1, *amax_b.shape[-2:])
+        for r0 in range(0, a.shape[1], 16):
+            a[:, r0:r0 + 16] = a[:, r0:r0 + 16].max(1, keepdims=True)
+        amax_b = a.reshape(amax_b.shape)
+    s = q.block_scale.double().numpy()
+    # the chosen scale is the E4M3 rounding of amax_b * S_enc / 6 or of 1.5 times that
+    s6 = ref_e4m3_of(amax_b * float(s_enc) / 6)
+    s4 = ref_e4m3_of(amax_b * float(s_enc) / 4)
+
+    def near(a, b):  # within one E4M3 step (the float64 candidates skip the float32 rounding order)
+        return np.abs(a - b) <= 2.0**-3 * np.maximum(a, b) + 2.0**-9
+
+    assert np.all(near(s, s6) | near(s, s4))
+
+    def sq_err(scale):
+        t = np.clip(xd / np.repeat(np.where(scale > 0, scale * g, 1), 16, -1), -6, 6)
+        v = ref_e2m1_value(ref_e2m1_codes(t)) * np.repeat(scale * g, 16, -1)
+        e = ((v - xd) ** 2).reshape(*xd.shape[:-1], -1, 16).sum(-1)
+        return e
+
+    # no block would be better off with the other candidate the core did not pick
+    e_chosen = sq_err(s)
+    other = np.where(near(s, s6), s4, s6)
+    e_other = sq_err(other)
+    if block == (1, 16):
+        assert np.all(e_chosen <= e_other * (1 + 1e-5) + 1e-30)
+    # and overall 4over6 is no worse than its own 6-only choice
+    assert e_chosen.sum() <= sq_err(s6).sum() * (1 + 1e-5) + 1e-30
+
+
+def ref_e4m3_of(v: np.ndarray) -> np.ndarray:
+    return ref_e4m3(np.minimum(v, 448.0)).astype(np.float64)

@@ -338,3 +338,26 @@ def test_torch_compile_inductor_fullgraph_over_nvfp4_arguments():
     bias = _x(16, seed=3)
     out = torch.compile(f, fullgraph=True)(qx, qw, bias)
     torch.testing.assert_close(out, f(qx, qw, bias), rtol=1e-6, atol=1e-6)
+
+
+def test_constructor_validates_parts():
+    q = nk.quantize(_x(4, 32))
+    with pytest.raises(TypeError, match="uint8"):
+        nk.NVFP4Tensor(q.packed.to(torch.int16), q.block_scale, q.global_scale)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        nk.NVFP4Tensor(q.packed, q.block_scale.float(), q.global_scale)
+    with pytest.raises(ValueError, match="block_scale shape"):
+        nk.NVFP4Tensor(q.packed, q.block_scale[:, :1], q.global_scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("block", [(1, 16), (16, 16)])
+def test_cuda_quantize_and_to_device_match_cpu(block):
+    x = _x(32, 64, seed=12)
+    q = nk.quantize(x, block=block)
+    qc = nk.quantize(x.cuda(), block=block)
+    assert qc.device.type == "cuda"
+    assert same_parts(q, qc.to("cpu"))
+    moved = q.to("cuda")
+    assert type(moved) is nk.NVFP4Tensor and moved.packed.device.type == "cuda"
+    assert torch.equal(moved.dequantize().cpu(), q.dequantize())
