@@ -41,7 +41,7 @@ def _linear(n, k, bias, seed, scale=1.0, dtype=torch.float32):
 )
 def test_weight_fake_quant_equals_format_core(n, kb, seed, log_scale, dtype, block, rule):
     lin = _linear(n, 16 * kb, False, seed, 2.0**log_scale, dtype)
-    fq = FakeQuantLinear(lin, "nvfp4", quantize_input=False, weight_block=block, scale_rule=rule)
+    fq = FakeQuantLinear(lin, "nvfp4", quantize_input=False, weight_block=block, weight_scale=rule)
     expected = nvfp4kit.quantize(lin.weight.detach(), block=block, scale_rule=rule).dequantize()
     got = fq.quantized_weight_value()
     assert got.dtype == dtype
@@ -134,9 +134,8 @@ def test_fp8_quantize_is_nearest_e4m3(seed, size, log_scale, amax_factor):
     q, s_dec = fp8_quantize(x, amax)
     assert q.dtype == torch.float8_e4m3fn and s_dec.dtype == torch.float32 and s_dec.ndim == 0
     # independent reference: float64 nearest point of the E4M3 grid, ties to the even code
-    s_enc = torch.tensor(448.0, dtype=torch.float32) / torch.tensor(amax, dtype=torch.float32)
-    assert float(s_dec) == float(torch.tensor(1.0) / s_enc)
-    v = (x * s_enc).double().clamp(-448, 448)
+    assert float(s_dec) == float(torch.tensor(amax, dtype=torch.float32) / 448)
+    v = (x / s_dec).double().clamp(-448, 448)
     grid = _e4m3_grid()
     dist = (v.unsqueeze(-1) - grid).abs()
     best = dist.min(-1).values
@@ -208,3 +207,27 @@ def test_fused_group_shares_global_scale():
     own = float(nvfp4kit.global_decode_scale(parent.attn.o_proj.weight.detach().abs().max()))
     assert float(recs["attn.o_proj"].nvfp4.global_decode_scale) == own
     assert not math.isnan(own)
+
+
+def test_mse_weight_scale_matches_ptq_method_and_exports_it():
+    from nvfp4kit.calibrate.weight_scales import mse_weight_parts
+
+    lin = _linear(24, 64, False, 8)
+    fq = FakeQuantLinear(lin, "nvfp4", quantize_input=False, weight_scale="mse")
+    ref = mse_weight_parts(lin.weight.detach())
+    rec = fq.to_record().nvfp4
+    assert torch.equal(rec.packed, ref.packed)
+    assert torch.equal(rec.block_scale.view(torch.uint8), ref.block_scale.view(torch.uint8))
+    assert torch.equal(fq.quantized_weight_value(), dequantize_parts(ref.packed, ref.block_scale, ref.global_decode_scale))
+    with pytest.raises(ValueError, match="1x16"):
+        FakeQuantLinear(lin, "nvfp4", weight_scale="mse", weight_block=(16, 16))
+
+
+def test_evaluation_emulation_reproduces_the_trained_forward():
+    emulation = pytest.importorskip("nvfp4kit.evaluate.emulation")
+    for fmt in ("nvfp4", "fp8"):
+        lin = _linear(16, 32, True, 9)
+        fq = FakeQuantLinear(lin, fmt, quantize_input=True, input_amax=1.7)
+        x = torch.randn(3, 32, generator=torch.Generator().manual_seed(10))
+        emu = emulation.EmulatedLinear(fq.to_record())
+        assert torch.equal(emu(x), fq(x))

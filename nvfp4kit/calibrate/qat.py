@@ -9,8 +9,9 @@ used, so an exported QAT model is bit-identical to what it trained with.
 Scales (what is fixed and what is recomputed):
 
 * **Weights** keep FP32 latent ("master") values that the optimizer updates; their E4M3 block
-  scales are recomputed from the current weights on every forward (``scale_rule`` "max" or
-  "4over6"), which is what quantizing the final weights for export does. The per-tensor global
+  scales are recomputed from the current weights on every forward with the PTQ weight-scale
+  method ``weight_scale`` ("max", "mse" or "4over6", see :mod:`nvfp4kit.calibrate.weight_scales`),
+  which is what quantizing the final weights for export does. The per-tensor global
   amax is, by default, recomputed too (``weight_amax="dynamic"``, the max over the fused group,
   e.g. q/k/v share one); ``weight_amax="fixed"`` freezes it at its initial (PTQ) value, and
   weights that grow past it saturate.
@@ -24,8 +25,9 @@ Backward: straight-through. The gradient of a fake-quantized tensor is passed un
 value lies within the representable range (``|x| <= amax``) and zeroed where it saturated
 ("clipped STE"); with a dynamic amax nothing saturates and the estimator is the identity.
 
-Formats per layer: ``"nvfp4"`` (E2M1 + E4M3 per 16 + FP32 per tensor), ``"fp8"`` (per-tensor E4M3,
-``q = e4m3(x * 448/amax)``, ``x_hat = q * (1 / (448/amax))``, i.e. decode scale amax/448) and
+Formats per layer: ``"nvfp4"`` (E2M1 + E4M3 per 16 + FP32 per tensor), ``"fp8"`` (per-tensor E4M3
+with decode scale ``s = amax / 448``: ``q = e4m3(x / s)``, ``x_hat = q * s``, as the PTQ path and
+the evaluation emulation compute it) and
 ``"bf16"`` (pass-through: kept in the model's precision). ``quantize_input=False`` gives weight-only
 W4A16 / W8A16.
 """
@@ -43,8 +45,10 @@ import torch.nn.functional as F
 
 from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
 from ..formats.nvfp4 import BLOCK_1D, BLOCK_SIZE, NVFP4Parts, dequantize_parts
-from ..formats.scales import E4M3_MAX, FP32_MAX, e4m3_rtne
+from ..formats.scales import e4m3_rtne
 from ..kernels.dispatch import quantize_parts
+from .precision import DEFAULT_EXCLUDE as PTQ_DEFAULT_EXCLUDE
+from .weight_scales import fp8_scale_from_amax, mse_weight_parts
 
 QAT_FORMATS = ("nvfp4", "fp8", "bf16")
 # Sibling projections that serving engines fuse into one GEMM: they must share a format, and for
@@ -52,8 +56,12 @@ QAT_FORMATS = ("nvfp4", "fp8", "bf16")
 DEFAULT_FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj"),
     ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("query", "key", "value"),
 )
-DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*mtp*")
+# the PTQ path's default exclusions (output head, embeddings, routers, conv1d, MTP)
+DEFAULT_EXCLUDE = tuple(PTQ_DEFAULT_EXCLUDE)
+WEIGHT_SCALES = ("max", "mse", "4over6")
 
 
 # ----------------------------------------------------------------------------- per-tensor fake quant
@@ -78,22 +86,14 @@ def nvfp4_fake_quant(
     return dequantize_parts(parts.packed, parts.block_scale, parts.global_decode_scale, x.dtype)
 
 
-def fp8_encode_scale(amax) -> torch.Tensor:
-    """Per-tensor E4M3 encode scale ``448 / amax`` (float32; 1 where amax is 0)."""
-    amax = torch.as_tensor(amax, dtype=torch.float32)
-    s = torch.clamp(torch.tensor(E4M3_MAX, dtype=torch.float32, device=amax.device) / amax, max=FP32_MAX)
-    return torch.where((amax == 0) | (s == 0), torch.ones_like(s), s)
-
-
 def fp8_quantize(x: torch.Tensor, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor FP8: ``(float8_e4m3fn values, float32 0-dim decode scale)``; dequantize is
-    ``values.float() * decode_scale``. Values beyond ``amax`` saturate at +-448."""
+    """Per-tensor FP8: ``(float8_e4m3fn values, float32 0-dim decode scale amax/448)``; dequantize
+    is ``values.float() * decode_scale``. Values beyond ``amax`` saturate at +-448."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError("fp8_quantize: tensor contains NaN or inf values")
-    amax = _amax_of(x) if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device)
-    s_enc = fp8_encode_scale(amax).to(x.device)
-    s_dec = torch.ones_like(s_enc) / s_enc
-    return e4m3_rtne(x.detach().float() * s_enc), s_dec.reshape(())
+    amax = _amax_of(x) if amax is None else torch.as_tensor(amax, dtype=torch.float32)
+    s_dec = fp8_scale_from_amax(amax.cpu()).to(x.device)
+    return e4m3_rtne(x.detach().float() / s_dec), s_dec
 
 
 def fp8_fake_quant(x: torch.Tensor, amax=None) -> torch.Tensor:
@@ -135,7 +135,8 @@ class FakeQuantLinear(nn.Module):
         weight_amax: ``"dynamic"`` (recomputed from the current weights) or ``"fixed"`` (frozen at
             the value when the module was built, or at ``fixed_weight_amax``).
         weight_block: NVFP4 weight block, ``(1, 16)`` (default, the checkpoint layout) or ``(16, 16)``.
-        scale_rule: NVFP4 weight block-scale rule, ``"max"`` or ``"4over6"``.
+        weight_scale: NVFP4 weight block-scale method, ``"max"``, ``"mse"`` or ``"4over6"``
+            (``"mse"`` only with 1x16 blocks).
     """
 
     def __init__(
@@ -147,7 +148,7 @@ class FakeQuantLinear(nn.Module):
         weight_amax: str = "dynamic",
         fixed_weight_amax: float | None = None,
         weight_block=BLOCK_1D,
-        scale_rule: str = "max",
+        weight_scale: str = "max",
         backend: str = "auto",
         name: str = "",
     ):
@@ -156,6 +157,10 @@ class FakeQuantLinear(nn.Module):
             raise ValueError(f"{name or 'FakeQuantLinear'}: format must be one of {QAT_FORMATS}, got {format!r}")
         if weight_amax not in ("dynamic", "fixed"):
             raise ValueError(f"{name or 'FakeQuantLinear'}: weight_amax must be 'dynamic' or 'fixed', got {weight_amax!r}")
+        if weight_scale not in WEIGHT_SCALES:
+            raise ValueError(f"{name or 'FakeQuantLinear'}: weight_scale must be one of {WEIGHT_SCALES}, got {weight_scale!r}")
+        if weight_scale == "mse" and tuple(weight_block) != tuple(BLOCK_1D):
+            raise ValueError(f"{name or 'FakeQuantLinear'}: weight_scale 'mse' works on 1x16 blocks only")
         if format == "nvfp4" and linear.in_features % BLOCK_SIZE:
             raise ValueError(
                 f"{name or 'FakeQuantLinear'}: in_features={linear.in_features} is not a multiple of {BLOCK_SIZE}, "
@@ -170,7 +175,7 @@ class FakeQuantLinear(nn.Module):
         self.quantize_input = bool(quantize_input)
         self.weight_amax_mode = weight_amax
         self.weight_block = tuple(weight_block)
-        self.scale_rule = scale_rule
+        self.weight_scale = weight_scale
         self.backend = backend
         self.observing = False
         amax0 = float(_amax_of(self.weight)) if fixed_weight_amax is None else float(fixed_weight_amax)
@@ -211,15 +216,19 @@ class FakeQuantLinear(nn.Module):
 
     def weight_parts(self) -> NVFP4Parts:
         """NVFP4 parts of the current weight, exactly as forward quantizes it."""
-        return quantize_parts(self.weight.detach(), self.weight_block, "nearest", None, self.weight_global_amax(),
-                              self.scale_rule, self.backend, f"{self.name}.weight")
+        amax = self.weight_global_amax()
+        if self.weight_scale == "mse":
+            return mse_weight_parts(self.weight.detach(), amax, name=f"{self.name}.weight")
+        rule = "4over6" if self.weight_scale == "4over6" else "max"
+        return quantize_parts(self.weight.detach(), self.weight_block, "nearest", None, amax, rule, self.backend,
+                              f"{self.name}.weight")
 
     def quantized_weight_value(self) -> torch.Tensor:
         """The fake-quantized weight (no autograd), cached while the weights are unchanged."""
         amax = self.weight_global_amax()
         # the weights' identity and version (bumped by every in-place update) and the quantizer settings
         key = (tuple((m.weight.data_ptr(), m.weight._version) for m in self._group), float(amax),
-               self.weight_block, self.scale_rule, self.weight.dtype)
+               self.weight_block, self.weight_scale, self.weight.dtype)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, {})  # one value per format for the same weights
         values = self._cache[1]
@@ -333,7 +342,7 @@ def prepare_qat(
     weights_from_ptq: bool = False,
     weight_amax: str = "dynamic",
     weight_block=BLOCK_1D,
-    scale_rule: str = "max",
+    weight_scale: str = "max",
     backend: str = "auto",
 ) -> dict[str, FakeQuantLinear]:
     """Replace the model's Linears by :class:`FakeQuantLinear` in place; returns them by name.
@@ -373,7 +382,7 @@ def prepare_qat(
             fmt = formats[name]
         if fmt == "nvfp4" and lin.in_features % BLOCK_SIZE:
             continue
-        fq = FakeQuantLinear(lin, fmt, quantize_input, in_amax, weight_amax, None, weight_block, scale_rule,
+        fq = FakeQuantLinear(lin, fmt, quantize_input, in_amax, weight_amax, None, weight_block, weight_scale,
                              backend, name)
         _set_submodule(model, name, fq)
         created[name] = fq
@@ -591,11 +600,11 @@ __all__ = [
     "FakeQuantLinear",
     "QATLoss",
     "QAT_FORMATS",
+    "WEIGHT_SCALES",
     "calibrate_input_amax",
     "distillation_loss",
     "export_quantized_model",
     "fake_quant_modules",
-    "fp8_encode_scale",
     "fp8_fake_quant",
     "fp8_quantize",
     "frozen_teacher",
