@@ -13,6 +13,7 @@ from .app import app
 COMMAND_MODULES = (
     "nvfp4kit.cli.formats_cmd",
     "nvfp4kit.cli.convert_cmd",
+    "nvfp4kit.cli.qat_cmd",
 )
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,141 @@
+"""The ``nvfp4kit qat`` job end to end on a tiny random model: training, resume, export, CLI."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from nvfp4kit.calibrate.qat import fake_quant_modules
+from nvfp4kit.pipelines.qat import QATJob, load_model_and_tokenizer, lr_at, run_qat, split_tokens, window
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+TEXT = " ".join(
+    "the quick brown fox jumps over the lazy dog while a small model learns to count one two three four five "
+    "six seven eight nine ten and the fox runs back".split() * 60
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    words = sorted(set(TEXT.split()))
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True, initializer_range=0.1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(d))
+    (d / "train.txt").write_text(TEXT)
+    return d
+
+
+def _job(tiny_dir, out, **kw):
+    base = dict(model=str(tiny_dir), data=str(tiny_dir / "train.txt"), out=str(out), steps=4, lr=3e-3, warmup=1,
+                seq_len=32, batch_size=2, calib_samples=2, eval_tokens=64, save_every=2)
+    base.update(kw)
+    return QATJob(**base)
+
+
+def test_window_and_schedule_are_deterministic():
+    toks = torch.arange(1000)
+    assert torch.equal(window(toks, 16, 3, 1, 5), window(toks, 16, 3, 1, 5))
+    assert not torch.equal(window(toks, 16, 3, 1, 5), window(toks, 16, 3, 1, 6))
+    w = window(toks, 16, 3, 1, 5)
+    assert bool(((w[:, 1:] - w[:, :-1]) == 1).all())  # consecutive tokens
+    train, ev = split_tokens(toks, 100, 16)
+    assert ev.shape == (6, 16) and train.numel() == 1000 - 96 and int(ev[0, 0]) == 904
+    job = QATJob(steps=10, warmup=2, lr=1.0)
+    assert [round(lr_at(s, job), 6) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_at(2, job) == pytest.approx(1.0) and lr_at(10, job) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_run_exports_a_checkpoint_that_reads_back(tiny_dir, tmp_path, distill):
+    from nvfp4kit.checkpoint import load_quantized
+
+    job = _job(tiny_dir, tmp_path / "out", distill=distill, lr=1e-3 if distill else 3e-3)
+    res = run_qat(job)
+    assert res.out == tmp_path / "out" and res.tokens_trained == 4 * 2 * 32
+    assert res.eval_loss_after is not None and res.loss_last is not None
+    q = load_quantized(res.out)
+    assert len(q.linears) == 14 and all(r.format == "nvfp4" and r.input_amax > 0 for r in q.linears.values())
+    state = tmp_path / "out.qat"
+    lines = (state / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert json.loads((state / "summary.json").read_text())["steps"] == 4
+    assert (state / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    with pytest.raises(FileExistsError, match="already exists"):
+        run_qat(job)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
+    from nvfp4kit.checkpoint import load_quantized
+
+    full = run_qat(_job(tiny_dir, tmp_path / "a"))
+    # interrupted after step 2: only the step-2 checkpoint and no export
+    run_qat(_job(tiny_dir, tmp_path / "b"))
+    shutil.rmtree(tmp_path / "b")
+    ck = tmp_path / "b.qat" / "checkpoints"
+    shutil.rmtree(ck / "step_00000004")
+    (ck / "latest").write_text("step_00000002\n")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_qat(_job(tiny_dir, tmp_path / "b"))
+    resumed = run_qat(_job(tiny_dir, tmp_path / "b", resume=True))
+    assert resumed.loss_last == full.loss_last
+    qa, qb = load_quantized(tmp_path / "a"), load_quantized(tmp_path / "b")
+    for n in qa.linears:
+        assert torch.equal(qa.linears[n].nvfp4.packed, qb.linears[n].nvfp4.packed)
+    with pytest.raises(ValueError, match="different job"):
+        shutil.rmtree(tmp_path / "b")
+        run_qat(_job(tiny_dir, tmp_path / "b", resume=True, lr=1e-4))
+
+
+def test_export_evaluates_like_the_trained_model(tiny_dir, tmp_path):
+    """The written checkpoint, run through the evaluation emulation, gives the trained model's logits."""
+    emulation = pytest.importorskip("nvfp4kit.evaluate.emulation")
+    from nvfp4kit.calibrate.qat import prepare_qat, calibrate_input_amax, export_quantized_model
+    from nvfp4kit.checkpoint import load_quantized, save_quantized
+
+    model, _ = load_model_and_tokenizer(tiny_dir)
+    prepare_qat(model)
+    ids = torch.randint(0, 32, (1, 32), generator=torch.Generator().manual_seed(0))
+    calibrate_input_amax(model, [ids])
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_quantized(export_quantized_model(model), tmp_path / "ck")
+    fresh, _ = load_model_and_tokenizer(tiny_dir)
+    emulation.apply_quantized(fresh, load_quantized(tmp_path / "ck"))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+
+
+def test_bad_options(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="--scheme"):
+        run_qat(_job(tiny_dir, tmp_path / "x", scheme="w8a8"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_qat(_job(tiny_dir, tmp_path / "x", model=str(tmp_path / "nope")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from nvfp4kit.cli.app import app
+    import nvfp4kit.cli.qat_cmd  # noqa: F401  (registers the command)
+
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["qat", "--model", str(tiny_dir), "--data", str(tiny_dir / "train.txt"),
+                                 "--steps", "2", "--seq-len", "32", "--calib-samples", "2", "--eval-tokens", "64",
+                                 "--lr", "1e-3", "--distill", "--out", str(out), "--format", "compressed-tensors"])
+    assert r.exit_code == 0, r.output
+    assert "QAD" in r.output and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    r = CliRunner().invoke(app, ["qat", "--model", str(tiny_dir), "--out", str(tmp_path / "y"), "--scheme", "int2"])
+    assert r.exit_code != 0 and "--scheme" in r.output
