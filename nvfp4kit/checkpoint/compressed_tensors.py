@@ -229,9 +229,11 @@ def quant_config(
             f"group_{i}": _scheme_group(k, sorted(m for m, s in schemes.items() if s == k)) for i, k in enumerate(kinds)
         }
         fmt = MIXED_FORMAT
-    try:
-        from compressed_tensors import __version__ as ct_version
-    except Exception:  # pragma: no cover - optional dependency
+    try:  # the format version this layout matches, without importing the library
+        from importlib.metadata import version
+
+        ct_version = version("compressed-tensors")
+    except Exception:  # not installed: the field is optional
         ct_version = None
     qc = {
         "quant_method": QUANT_METHOD,

@@ -26,8 +26,8 @@ from .rules import DEFAULT_EXCLUDE, check_exclude_patterns, is_excluded, shared_
 from .types import QuantizedLinearWeight
 
 STREAM_SCHEMES = ("nvfp4", "fp8")
-# elements per quantization chunk (bounds the float32 working set to ~64 MB per intermediate)
-CHUNK_ELEMENTS = 1 << 24
+# elements per quantization chunk (bounds the quantizer's working set to a few MB)
+CHUNK_ELEMENTS = 1 << 18
 
 
 def plan_linears(reader: CheckpointReader, exclude=(), use_default_exclude: bool = True) -> tuple[list[str], list[str]]:
@@ -123,7 +123,7 @@ def quantize_checkpoint(
     if scheme not in STREAM_SCHEMES:
         raise CheckpointError(f"scheme must be one of {', '.join(STREAM_SCHEMES)}, got {scheme!r}")
     exclude = list(exclude)
-    reader = CheckpointReader(src)
+    reader = CheckpointReader(src, max_open_files=1)  # one mapped shard at a time
     with reader:
         info = detect_format(src, reader)
         if info.format != UNQUANTIZED:
