@@ -170,3 +170,14 @@ def test_bad_mx_inputs_raise():
         nk.mx_quantize(torch.randn(2, 32), "e5m2")
     with pytest.raises(ValueError, match="scale_rule"):
         nk.mx_quantize(torch.randn(2, 32), "e4m3", "round")
+
+
+@pytest.mark.parametrize("element", ["e4m3", "e2m1"])
+def test_float64_beyond_float32_range_raises_like_nvfp4(element):
+    """mx_quantize documents the NVFP4 input policy: float64 values past FLT_MAX must raise rather
+    than turn into inf (and zero the rest of their block) in the float32 cast."""
+    x = torch.ones(2, 32, dtype=torch.float64)
+    x[0, 0] = 1e39
+    with pytest.raises(ValueError, match="float32 range"):
+        nk.mx_quantize(x, element)
+    nk.mx_quantize(torch.ones(2, 32, dtype=torch.float64), element)  # in range: fine
