@@ -220,3 +220,32 @@ def test_search_end_to_end_respects_budget():
     assert richer.estimated_loss_increase() < search_mixed_precision(model, None, 4.75, sensitivity=sens).estimated_loss_increase()
     with pytest.raises(ValueError, match="no calibration batches"):
         search_mixed_precision(model, [], 4.75)
+
+
+def test_mixed_plan_exports_as_mixed_precision(tmp_path):
+    from nvfp4kit.calibrate.qat import calibrate_input_amax, export_quantized_model
+    from nvfp4kit.checkpoint import load_quantized, save_quantized
+
+    model = tiny_llama(3)
+    data = _batches(1)
+    sens = estimate_sensitivity(model, data)
+    # a budget that forces a mix: let the search decide, then make sure all three formats occur
+    plan = search_mixed_precision(model, None, 7.0, sensitivity=sens)
+    formats = dict(plan.formats)
+    formats["model.layers.1.mlp.down_proj"] = "bf16"
+    formats["model.layers.0.mlp.down_proj"] = "fp8"
+    formats["model.layers.0.self_attn.o_proj"] = "nvfp4"
+    prepare_qat(model, formats)
+    calibrate_input_amax(model, data)
+    save_quantized(export_quantized_model(model), tmp_path / "ck")
+    hf = json.loads((tmp_path / "ck" / "hf_quant_config.json").read_text())["quantization"]
+    assert hf["quant_algo"] == "MIXED_PRECISION"
+    layers = hf["quantized_layers"]
+    for n, f in formats.items():
+        if f == "bf16":
+            assert n not in layers and n in hf["exclude_modules"]
+        else:
+            assert layers[n]["quant_algo"] == {"nvfp4": "NVFP4", "fp8": "FP8"}[f]
+    back = load_quantized(tmp_path / "ck")
+    assert {n: r.format for n, r in back.linears.items() if r.format != "bf16"} == {
+        n: f for n, f in formats.items() if f != "bf16"}

@@ -565,7 +565,7 @@ def export_quantized_model(
 ) -> QuantizedModel:
     """Records of a fake-quantized model: each FakeQuantLinear's parts exactly as its forward uses
     them, every other tensor of the state dict by name (tied duplicates stored once), and the
-    plain Linears left unquantized listed in ``exclude_modules``."""
+    Linears left unquantized (plain ones, and bf16 ones of a mixed plan) listed in ``exclude_modules``."""
     mods = fake_quant_modules(model)
     if not mods:
         raise ValueError("export_quantized_model: the model has no FakeQuantLinear modules")
@@ -589,7 +589,8 @@ def export_quantized_model(
         config = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
     config = {k: v for k, v in dict(config).items() if k != "quantization_config"}
     plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in mods]
-    exclude = sorted(set(plain) | set(extra_exclude))
+    kept_high = [n for n, m in mods.items() if m.format == "bf16"]
+    exclude = sorted(set(plain) | set(kept_high) | set(extra_exclude))
     return QuantizedModel(linears=linears, tensors=tensors, config=config, exclude_modules=exclude,
                           source_dir=source_dir)
 
