@@ -1,0 +1,472 @@
+"""The "compiled" CPU backend: NVFP4 quantization as one small C kernel, bit-identical to the reference.
+
+The reference (:func:`nvfp4kit.formats.nvfp4.quantize_parts`) runs a dozen whole-tensor torch ops
+(and a full NaN/inf scan); this backend reads the input twice and writes the outputs once:
+
+1. *block amax pass*: per 16 elements, the largest ``|x|``, taken as an unsigned integer max over
+   the float bit patterns with the sign bit cleared. For non-negative floats the integer order is
+   the float order, and NaN/inf patterns sort above every finite value, so the same pass finds the
+   tensor amax and detects non-finite input (the reference's error is then raised by
+   :func:`~nvfp4kit.formats.nvfp4.check_quantizable` itself).
+2. *encode pass*: per block, ``s_b = e4m3_rtne(min(block_amax * (S_enc * 1/6), 448))``; the block's
+   multiplier into the E2M1 grid comes from a 128-entry table ``min(1 / (fp32(s_b) * S_dec), FLT_MAX)``
+   computed by the reference's own function; then ``|x| * enc`` against the seven E2M1 decision
+   points, the sign bit of ``x``, and nibble packing (element 2i in the low nibble).
+
+Why it is exact: the kernel does only single IEEE-754 float32 multiplications and comparisons
+(no division, no sums), compiled without fast-math and with ``-ffp-contract=off``; the FP32 -> E4M3
+rounding is integer arithmetic (round to nearest even on the mantissa bits, a power-of-two
+multiply and an exact remainder in the subnormal range). The per-tensor scalars and the
+multiplier table come from :mod:`nvfp4kit.formats.scales`. ``tests/test_kernels_cpu.py`` checks
+the parts bit for bit against the reference over random and adversarial inputs.
+
+What runs where:
+
+* ``rounding="nearest"``, ``scale_rule="max"``, float32 / bfloat16 input: the kernel reads the
+  input directly; float16 and float64 input is first cast to float32 in torch, as the reference
+  does (float64 also gets the reference's "beyond the float32 range" check).
+* ``rounding="stochastic"``, ``scale_rule="4over6"``, empty tensors, other float dtypes, tensor
+  subclasses and calls made while ``torch.compile`` traces: delegated to the reference (same
+  result by definition).
+* 16x16 blocks: the tile amax is the max of the 16 rows' block amaxes (a small torch op on the
+  ``[..., M, K/16]`` block amax), then the same encode pass.
+
+Build: the C source below is compiled once per machine with the system C compiler (``$CC``, else
+``cc``, ``gcc`` or ``clang``) into ``$NVFP4KIT_CACHE_DIR`` (default ``~/.cache/nvfp4kit``), keyed
+by a hash of the source, the compiler and the CPU, and loaded with :mod:`ctypes`; later processes
+only load it. Without a working compiler :func:`available` says why (logged once through
+:mod:`nvfp4kit.progress`) and the dispatch's ``auto`` uses the reference.
+
+Threads: the blocks are split over ``torch.get_num_threads()`` Python threads (a ctypes call
+releases the GIL); tensors under :data:`PARALLEL_MIN_BLOCKS` blocks run on the calling thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import progress
+from ..formats.nvfp4 import (
+    BLOCK_1D,
+    BLOCK_2D,
+    BLOCK_SIZE,
+    NVFP4Parts,
+    _as_amax,
+    check_quantizable,
+)
+from ..formats.nvfp4 import quantize_parts as reference_quantize_parts
+from ..formats.scales import (
+    _INV_E2M1_MAX,
+    FP32_MAX,
+    NVFP4_RANGE,
+    decode_from_encode,
+    global_encode_scale,
+    nvfp4_block_encode_scale,
+)
+
+# Below this many 16-element blocks one thread does the whole tensor (thread hand-off costs more).
+PARALLEL_MIN_BLOCKS = 1 << 14
+
+_FP32_INF_BITS = 0x7F800000
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* Exactness rules for this file: only single float32 multiplications and comparisons, no
+   division, no fused multiply-add (built with -ffp-contract=off), no fast-math. */
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* Pass 1: out[b] = max |x| over block b, as an integer max of the float bits with the sign
+   cleared (NaN and inf sort above all finite values). Returns the max over all blocks. */
+uint32_t nvfp4_block_amax_f32(const uint32_t *x, int64_t nb, float *out) {
+    uint32_t all = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint32_t *p = x + b * 16;
+        uint32_t m = 0;
+        for (int j = 0; j < 16; j++) { uint32_t a = p[j] & 0x7FFFFFFFu; m = a > m ? a : m; }
+        out[b] = u2f(m);
+        all = m > all ? m : all;
+    }
+    return all;
+}
+
+uint32_t nvfp4_block_amax_bf16(const uint16_t *x, int64_t nb, float *out) {
+    uint32_t all = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint16_t *p = x + b * 16;
+        uint32_t m = 0;
+        for (int j = 0; j < 16; j++) { uint32_t a = p[j] & 0x7FFFu; m = a > m ? a : m; }
+        m <<= 16;
+        out[b] = u2f(m);
+        all = m > all ? m : all;
+    }
+    return all;
+}
+
+/* float32 in [0, 448] -> float8_e4m3fn bits, round to nearest, ties to even. */
+static inline uint32_t e4m3_rtne(float v) {
+    uint32_t u = f2u(v);
+    if (u < 0x3C800000u) {             /* below 2^-6: the subnormal grid, step 2^-9 */
+        float q = v * 512.0f;          /* exact: a power-of-two scaling, q < 8 */
+        uint32_t i = (uint32_t)q;      /* floor */
+        float rem = q - (float)i;      /* exact */
+        i += (rem > 0.5f) | ((rem == 0.5f) & (i & 1u));
+        return i;                      /* 8 is 2^-6, the first normal, same bits */
+    }
+    /* normal: keep 3 of 23 mantissa bits, ties to even; a carry bumps the exponent */
+    uint32_t r = u + 0x7FFFFu + ((u >> 20) & 1u);
+    return (r >> 20) - (120u << 3);    /* rebias the exponent from 127 to 7 */
+}
+
+/* E2M1 code of one element: magnitude by the RTNE decision points, sign bit of x. */
+static inline uint32_t e2m1_code(uint32_t bits, float enc) {
+    float a = u2f(bits & 0x7FFFFFFFu) * enc;
+    uint32_t m = (uint32_t)(a > 0.25f) + (uint32_t)(a >= 0.75f) + (uint32_t)(a > 1.25f)
+               + (uint32_t)(a >= 1.75f) + (uint32_t)(a > 2.5f) + (uint32_t)(a >= 3.5f)
+               + (uint32_t)(a > 5.0f);
+    return m | ((bits >> 31) << 3);
+}
+
+#define NVFP4_ENCODE(LOAD)                                                            \
+    for (int64_t b = 0; b < nb; b++) {                                                \
+        float v = block_amax[b] * factor;                                             \
+        v = v < 448.0f ? v : 448.0f;                                                  \
+        uint32_t s = e4m3_rtne(v);                                                    \
+        scale[b] = (uint8_t)s;                                                        \
+        float enc = enc_table[s];                                                     \
+        uint32_t c[16];                                                               \
+        for (int j = 0; j < 16; j++) c[j] = e2m1_code(LOAD(b * 16 + j), enc);         \
+        /* two codes a byte, element 2k in the low nibble */                          \
+        for (int k = 0; k < 8; k++) packed[b * 8 + k] = (uint8_t)(c[2 * k] | (c[2 * k + 1] << 4)); \
+    }
+
+#define LOAD_F32(i) (x[i])
+#define LOAD_BF16(i) ((uint32_t)x[i] << 16)
+
+/* Pass 2: block scales and packed codes of nb blocks. */
+void nvfp4_encode_f32(const uint32_t *x, const float *block_amax, int64_t nb, float factor,
+                      const float *enc_table, uint8_t *packed, uint8_t *scale) {
+    NVFP4_ENCODE(LOAD_F32)
+}
+
+void nvfp4_encode_bf16(const uint16_t *x, const float *block_amax, int64_t nb, float factor,
+                       const float *enc_table, uint8_t *packed, uint8_t *scale) {
+    NVFP4_ENCODE(LOAD_BF16)
+}
+
+/* The E4M3 rounding alone, for values in [0, 448] (lets tests compare it with torch's cast). */
+void nvfp4_e4m3_rtne_f32(const float *v, int64_t n, uint8_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)e4m3_rtne(v[i]);
+}
+"""
+
+# Strict IEEE float semantics; -march=native is tried first and dropped if the compiler refuses it.
+_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
+
+_lock = threading.Lock()
+_lib = None
+_lib_error: str | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+# ----------------------------------------------------------------------------- build and load
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or cc
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("NVFP4KIT_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nvfp4kit"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and feature flags (Linux), else the platform."""
+    ident = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    ident.append(line.strip())
+                if len(ident) >= 4:
+                    break
+    except OSError:
+        pass
+    return "\n".join(ident)
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: str, out: Path) -> None:
+    """Compile the kernel to ``out`` (written under a temporary name, then renamed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "nvfp4_cpu.c"
+        src.write_text(_C_SOURCE)
+        lib = Path(tmp) / out.name
+        errors = []
+        for extra in (["-march=native"], []):
+            cmd = [cc, *_BASE_FLAGS, *extra, str(src), "-o", str(lib)]
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                errors.append(f"{' '.join(cmd)}: {e}")
+                continue
+            if res.returncode == 0:
+                os.replace(lib, out)
+                return
+            errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-500:]}")
+        raise RuntimeError("C compilation failed: " + " | ".join(errors))
+
+
+def _declare(lib) -> None:
+    P, N, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    for name in ("nvfp4_block_amax_f32", "nvfp4_block_amax_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [P, N, P]
+        fn.restype = ctypes.c_uint32
+    for name in ("nvfp4_encode_f32", "nvfp4_encode_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [P, P, N, F32, P, P, P]
+        fn.restype = None
+    lib.nvfp4_e4m3_rtne_f32.argtypes = [P, N, P]
+    lib.nvfp4_e4m3_rtne_f32.restype = None
+
+
+def _load():
+    """The loaded kernel library, building it on first use; raises RuntimeError with the reason."""
+    global _lib, _lib_error
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _lib_error is not None:
+            raise RuntimeError(_lib_error)
+        try:
+            if sys.byteorder != "little":
+                raise RuntimeError("the kernel packs nibbles for little-endian machines only")
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
+            key = hashlib.sha256(
+                "\0".join([_C_SOURCE, " ".join(_BASE_FLAGS), cc, _compiler_version(cc), _cpu_identity()]).encode()
+            ).hexdigest()[:20]
+            path = _cache_dir() / f"nvfp4_cpu_{key}.so"
+            if not path.exists():
+                try:
+                    _build(cc, path)
+                except PermissionError:  # read-only cache dir: build in a private temp dir instead
+                    path = Path(tempfile.gettempdir()) / f"nvfp4kit-{os.getuid() if hasattr(os, 'getuid') else 0}" / path.name
+                    if not path.exists():
+                        _build(cc, path)
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+        except Exception as e:  # noqa: BLE001 - any build/load failure means "use the reference"
+            _lib_error = f"compiled CPU kernel unavailable: {e}"
+            progress.log(f"nvfp4kit: {_lib_error}; quantizing with the torch reference instead")
+            raise RuntimeError(_lib_error) from e
+        _lib = lib
+        return lib
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    """Whether this backend can quantize tensors on ``device`` (builds the kernel on first call)."""
+    if torch.device(device).type != "cpu":
+        return False, f"the compiled backend runs on CPU tensors only, not {torch.device(device).type}"
+    try:
+        _load()
+    except RuntimeError as e:
+        return False, str(e)
+    return True, ""
+
+
+# ----------------------------------------------------------------------------- running the kernel
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nvfp4kit-cpu")
+            _pool_size = n
+        return _pool
+
+
+def _ranges(nb: int) -> list[tuple[int, int]]:
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or nb < PARALLEL_MIN_BLOCKS:
+        return [(0, nb)]
+    step = -(-nb // threads)
+    return [(s, min(nb, s + step)) for s in range(0, nb, step)]
+
+
+def _run(fn, ranges: list[tuple[int, int]]):
+    if len(ranges) == 1:
+        return [fn(*ranges[0])]
+    return list(_executor(len(ranges)).map(lambda r: fn(*r), ranges))
+
+
+def _check_structure(x, name: str, block) -> None:
+    """check_quantizable's type, dtype, block and shape checks without its full NaN/inf scan
+    (the block amax pass detects non-finite values). Errors come from check_quantizable itself."""
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.numel() == 0 or (x.ndim < 2 and block != BLOCK_1D):
+        check_quantizable(x, name, block)
+        return
+    # Those checks read only the dtype, the number of dims and the last dim: an empty stand-in
+    # with the same three stops before the scan.
+    probe = x.new_empty((0,) * max(x.ndim - 1, 1) + (x.shape[-1],))
+    try:
+        check_quantizable(probe, name, block)
+    except (TypeError, ValueError):
+        check_quantizable(x, name, block)  # the same error, naming x's own shape
+        raise
+
+
+def _delegate(x, block, rounding, generator, global_amax, scale_rule) -> bool:
+    return (
+        rounding != "nearest"
+        or scale_rule != "max"
+        or type(x) not in (torch.Tensor, torch.nn.Parameter)
+        or x.device.type != "cpu"
+        or x.numel() == 0
+        or x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+        or torch.compiler.is_compiling()
+    )
+
+
+def quantize_parts(
+    x: torch.Tensor,
+    *,
+    block=BLOCK_1D,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    global_amax=None,
+    scale_rule: str = "max",
+    name: str = "input",
+) -> NVFP4Parts:
+    """Quantize ``x`` to NVFP4 parts, bit-identical to the reference ``quantize_parts``.
+
+    Same arguments, checks and errors as :func:`nvfp4kit.formats.nvfp4.quantize_parts`.
+    ``rounding="stochastic"`` and ``scale_rule="4over6"`` are delegated to the reference (so are
+    empty tensors, tensor subclasses and calls during ``torch.compile`` tracing), and so is
+    everything when the kernel could not be built (the reason is logged once).
+    """
+    block = tuple(block)
+    _check_structure(x, name, block)
+    if _delegate(x, block, rounding, generator, global_amax, scale_rule):
+        return reference_quantize_parts(x, block, rounding, generator, global_amax, scale_rule, name)
+    try:
+        lib = _load()
+    except RuntimeError:
+        return reference_quantize_parts(x, block, rounding, generator, global_amax, scale_rule, name)
+
+    x = x.detach().resolve_neg()
+    if x.dtype == torch.float64:
+        lo, hi = torch.aminmax(x)
+        if not bool(torch.maximum(-lo, hi) <= FP32_MAX):  # NaN, inf or beyond float32
+            check_quantizable(x, name, block)
+    if x.dtype in (torch.float16, torch.float64):
+        x = x.float()  # exact for float16; the reference's own rounding for float64
+    x = x.contiguous()
+    shape = x.shape
+    K = shape[-1]
+    nb = x.numel() // BLOCK_SIZE
+    if x.dtype == torch.bfloat16:
+        amax_fn, encode_fn = lib.nvfp4_block_amax_bf16, lib.nvfp4_encode_bf16
+    else:
+        amax_fn, encode_fn = lib.nvfp4_block_amax_f32, lib.nvfp4_encode_f32
+    elem = x.element_size()
+    xp = x.data_ptr()
+    ranges = _ranges(nb)
+
+    # pass 1: block amax (and the tensor amax / non-finite detection)
+    b_amax = torch.empty(nb, dtype=torch.float32)
+    bp = b_amax.data_ptr()
+    top = max(_run(lambda s, e: amax_fn(xp + s * BLOCK_SIZE * elem, e - s, bp + 4 * s), ranges))
+    if top >= _FP32_INF_BITS:
+        check_quantizable(x, name, block)  # raises the reference's NaN/inf error
+        raise ValueError(f"{name}: contains NaN or inf values; NVFP4 has no encoding for them")
+
+    if global_amax is not None:
+        amax = _as_amax(global_amax, x.device)
+    else:
+        amax = torch.tensor(struct.unpack("<f", struct.pack("<I", top))[0], dtype=torch.float32)
+    s_enc = global_encode_scale(amax, NVFP4_RANGE)
+    s_dec = decode_from_encode(s_enc)
+    factor = float(s_enc.float() * _INV_E2M1_MAX)  # the reference's S_enc * (1/6), a float32 value
+    codes = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    enc_table = nvfp4_block_encode_scale(codes, s_dec).contiguous()
+
+    if block == BLOCK_2D:
+        b_amax = _tile_amax(b_amax.view(*shape[:-1], K // BLOCK_SIZE)).reshape(-1)
+        bp = b_amax.data_ptr()
+
+    # pass 2: block scales, codes, packing
+    packed = torch.empty(nb * BLOCK_SIZE // 2, dtype=torch.uint8)
+    scale = torch.empty(nb, dtype=torch.uint8)
+    pp, sp, tp = packed.data_ptr(), scale.data_ptr(), enc_table.data_ptr()
+    _run(lambda s, e: encode_fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
+                                pp + s * (BLOCK_SIZE // 2), sp + s), ranges)
+    return NVFP4Parts(
+        packed.view(*shape[:-1], K // 2),
+        scale.view(torch.float8_e4m3fn).view(*shape[:-1], K // BLOCK_SIZE),
+        s_dec.reshape(()),
+        block,
+    )
+
+
+def e4m3_rtne_kernel(v: torch.Tensor) -> torch.Tensor:
+    """The kernel's float32 -> E4M3 rounding of values in [0, 448] (float8_e4m3fn result)."""
+    lib = _load()
+    v = v.detach().float().contiguous()
+    if v.numel() and not bool(((v >= 0) & (v <= 448)).all()):
+        raise ValueError("e4m3_rtne_kernel: values must lie in [0, 448]")
+    out = torch.empty(v.shape, dtype=torch.uint8)
+    lib.nvfp4_e4m3_rtne_f32(v.data_ptr(), v.numel(), out.data_ptr())
+    return out.view(torch.float8_e4m3fn)
+
+
+def _tile_amax(row_amax: torch.Tensor) -> torch.Tensor:
+    """[..., M, K/16] per-row block amax -> the 16x16 tile amax, repeated for each of the tile's rows."""
+    M = row_amax.shape[-2]
+    pad = -M % BLOCK_SIZE
+    t = F.pad(row_amax, (0, 0, 0, pad)) if pad else row_amax
+    t = t.reshape(*t.shape[:-2], (M + pad) // BLOCK_SIZE, BLOCK_SIZE, t.shape[-1]).amax(-2)
+    return t.repeat_interleave(BLOCK_SIZE, dim=-2)[..., :M, :].contiguous()
