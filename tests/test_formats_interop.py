@@ -411,3 +411,29 @@ def test_code_differences_occur_at_thresholds_and_are_one_step(peer):
     r = ref_quantize(x)
     mt = model_torchao(x, q.global_scale) if peer == "torchao" else model_modelopt(x)
     assert np.all(e2m1_threshold_between(r["scaled"][diff], mt["scaled"][diff]))
+
+
+# ============================================================================= compressed-tensors global scale
+
+
+def test_compressed_tensors_global_scale_is_our_encode_scale_within_one_ulp():
+    """compressed-tensors stores the encode direction, 2688 / amax. It writes it as a Python number
+    divided by a tensor, which torch evaluates as 2688 * (1 / amax): two roundings where our S_enc
+    has one, so the two agree or differ by one float32 ulp. Where 2688 / amax overflows float32,
+    CT falls back to 1 and we clamp to FLT_MAX; amax 0 gives 1 in both."""
+    helpers = pytest.importorskip("compressed_tensors.quantization.utils.helpers")
+    rng = np.random.default_rng(1)
+    amaxes = (rng.uniform(1, 2, 2000) * np.exp2(rng.integers(-100, 100, 2000))).astype(np.float32)
+    a = torch.from_numpy(amaxes)
+    ct = np.array([float(helpers.generate_gparam(-v.reshape(1), v.reshape(1))) for v in a], dtype=np.float32)
+    ours = nk.global_encode_scale(a).numpy()
+    model = (F32(2688) * (F32(1) / amaxes)).astype(np.float32)
+    np.testing.assert_array_equal(ct.view(np.uint32), model.view(np.uint32))
+    ulps = np.abs(ct.view(np.int32).astype(np.int64) - ours.view(np.int32).astype(np.int64))
+    assert ulps.max() == 1 and 0.05 < (ulps == 1).mean() < 0.6
+    assert torch.equal(nk.decode_from_encode(nk.global_encode_scale(a)), nk.global_decode_scale(a))
+    tiny = torch.tensor([1e-40])
+    assert float(helpers.generate_gparam(-tiny, tiny)) == 1.0
+    assert float(nk.global_encode_scale(tiny[0])) == float(torch.finfo(torch.float32).max)
+    zero = torch.zeros(1)
+    assert float(helpers.generate_gparam(zero, zero)) == 1.0 == float(nk.global_encode_scale(zero[0]))
