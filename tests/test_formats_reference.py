@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nvfp4kit as nk
-from nvfp4kit.formats import e2m1, nvfp4, scales
+from nvfp4kit.formats import e2m1, scales
 
 F32 = np.float32
 FLT_MAX = F32(np.finfo(np.float32).max)
