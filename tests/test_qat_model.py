@@ -230,3 +230,44 @@ def test_teacher_must_be_copied_before_prepare():
     with pytest.raises(ValueError, match="before prepare_qat"):
         frozen_teacher(model)
     assert nvfp4kit.__version__
+
+
+def test_hybrid_model_qad_and_unrouted_experts():
+    """The nvfp4kit hybrid model (Mamba, attention, LatentMoE, MTP): experts without calibration tokens
+    borrow their siblings' amax; a QAD step trains; the export matches the forward."""
+    from nvfp4kit.model.lm import build_model
+
+    model = build_model("micro", seed=1)
+    teacher = frozen_teacher(model)
+    mods = prepare_qat(model)
+    assert "lm_head" not in mods and not any(n.startswith("mtp.") for n in mods)
+    ids = torch.randint(0, 512, (1, 4), generator=torch.Generator().manual_seed(0))  # few tokens: idle experts
+    observed = {}
+
+    def hook(name):
+        def f(_m, args, _out):
+            observed[name] = True
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    amax = calibrate_input_amax(model, [ids])
+    for h in handles:
+        h.remove()
+    idle = [n for n in mods if n not in observed]
+    assert idle, "expected experts that received no calibration token"
+    for n in idle:
+        layer = n.split(".experts.")[0]
+        proj = n.rsplit(".", 1)[1]
+        sib = [v for k, v in amax.items() if k.startswith(layer + ".experts.") and k.endswith(proj) and k in observed]
+        assert amax[n] == max(sib)
+    assert all(math.isfinite(v) for v in amax.values())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss = QATLoss(distill=True)(model(ids).logits, ids, teacher(ids).logits)
+    loss.backward()
+    opt.step()
+    qm = export_quantized_model(model)
+    for n, rec in qm.linears.items():
+        p = rec.nvfp4
+        assert torch.equal(dequantize_parts(p.packed, p.block_scale, p.global_decode_scale),
+                           mods[n].quantized_weight_value())
+    assert "lm_head" in qm.exclude_modules and "lm_head.weight" in qm.tensors

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -62,6 +63,7 @@ DEFAULT_FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
 # the PTQ path's default exclusions (output head, embeddings, routers, conv1d, MTP)
 DEFAULT_EXCLUDE = tuple(PTQ_DEFAULT_EXCLUDE)
 WEIGHT_SCALES = ("max", "mse", "4over6")
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 
 # ----------------------------------------------------------------------------- per-tensor fake quant
@@ -466,7 +468,8 @@ def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def calibrate_input_amax(model: nn.Module, batches: Iterable[torch.Tensor], reset: bool = True) -> dict[str, float]:
     """Max observer: run ``batches`` (token id tensors) through the model in full precision and set
     each fake-quant module's static ``input_amax`` to the largest |input| seen (fused groups share
-    the max). Returns the amax by module name."""
+    the max; an MoE expert that received no token takes the max of the same projection of the
+    layer's other experts). Returns the amax by module name (NaN where nothing was observed)."""
     mods = fake_quant_modules(model)
     if not mods:
         raise ValueError("calibrate_input_amax: the model has no FakeQuantLinear modules (call prepare_qat first)")
@@ -487,6 +490,17 @@ def calibrate_input_amax(model: nn.Module, batches: Iterable[torch.Tensor], rese
         for m in mods.values():
             m.observing = False
         model.train(was_training)
+    # MoE experts that no calibration token was routed to take the largest amax of their siblings
+    # (the same projection of the other experts of the layer)
+    family: dict[str, list[float]] = {}
+    for n, m in mods.items():
+        if m.has_input_amax():
+            family.setdefault(_EXPERT_INDEX.sub(".*.", n), []).append(float(m.input_amax))
+    for n, m in mods.items():
+        if not m.has_input_amax():
+            seen = family.get(_EXPERT_INDEX.sub(".*.", n))
+            if seen:
+                m.input_amax.fill_(max(seen))
     for m in mods.values():
         if len(m.group) > 1 and all(g.has_input_amax() for g in m.group):
             m.input_amax.fill_(max(float(g.input_amax) for g in m.group))
