@@ -254,3 +254,50 @@ def test_modelopt_export_converts_exactly(modelopt_export, tmp_path):
     cfg = json.loads((back / "hf_quant_config.json").read_text())["quantization"]
     assert cfg["quant_algo"] == "NVFP4" and "lm_head" in cfg["exclude_modules"]
     assert (back / "generation_config.json").exists()
+
+
+# ============================================================================= llm-compressor
+
+
+def test_llmcompressor_model_free_output_loads(tmp_path):
+    """A compressed-tensors checkpoint written by llm-compressor's model_free_ptq (NVFP4A16) loads
+    into nvfp4kit; our dequantization agrees with compressed-tensors' own decompression to within
+    one bf16 rounding, and the folder converts to modelopt."""
+    pytest.importorskip("llmcompressor")
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import NVFP4A16
+    from llmcompressor import model_free_ptq
+
+    model = tiny_llama(seed=5)
+    src = tmp_path / "src"
+    model.save_pretrained(str(src))
+    out = tmp_path / "lc"
+    model_free_ptq(str(src), str(out), scheme="NVFP4A16", ignore=["lm_head", "re:.*embed_tokens"])
+    info = detect_format(out)
+    assert (info.format, info.scheme) == ("compressed-tensors", "nvfp4-pack-quantized")
+    qm = load_quantized(out)
+    expected = {n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+    assert set(qm.linears) == expected
+    scheme = QuantizationScheme(targets=["Linear"], **NVFP4A16)
+    files = sorted(out.glob("*.safetensors"))
+    for m, lw in qm.linears.items():
+        assert lw.input_amax is None  # weight-only
+        state = {}
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                state.update({k.removeprefix(m + "."): h.get_tensor(k) for k in h.keys() if k.startswith(m + ".")})
+        theirs = NVFP4PackedCompressor.decompress(state, scheme)["weight"]
+        ours = dequantize_linear(lw, theirs.dtype)
+        ulp = torch.finfo(torch.bfloat16).eps * ours.float().abs()
+        assert bool(((theirs.float() - ours.float()).abs() <= ulp).all()), m
+        # and within NVFP4 resolution of the original weights
+        w = model.get_submodule(m).weight.detach().float()
+        block_amax = w.abs().reshape(w.shape[0], -1, 16).amax(-1, keepdim=True)
+        assert bool(((ours.float() - w).abs().reshape(w.shape[0], -1, 16) <= block_amax / 3 + 1e-12).all()), m
+    for group in shared_global_amax_groups(qm.linears):
+        assert len({float(qm.linears[g].nvfp4.global_decode_scale) for g in group}) == 1, group
+    mo = convert_checkpoint(out, tmp_path / "mo", to="modelopt")
+    assert json.loads((mo / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
+    # the regex ignore entry is spelled out as module names for modelopt's fnmatch readers
+    assert "model.embed_tokens" in json.loads((mo / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]

@@ -15,7 +15,7 @@ from . import modelopt_hf as mo
 from .errors import CheckpointError
 from .layout import scheme_of, validate_linear
 from .reader import CONFIG_NAME, CheckpointReader
-from .rules import check_shared_global_scales, is_excluded
+from .rules import check_shared_global_scales, expand_regex_patterns, is_excluded
 from .types import QuantizedLinearWeight, QuantizedModel
 from .writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 
@@ -210,6 +210,9 @@ class RecordWriter:
             raise CheckpointError(f"{attn}: KV cache scales given but kv_cache_format is {self.kv_cache_format!r}")
         self.writer.add_all(self.fmod.kv_tensors(attn, k_amax, v_amax))
 
+    def _modules(self) -> set[str]:
+        return {n.rpartition(".")[0] for n in self.writer.names() if "." in n}
+
     def _write_configs(self) -> None:
         from .. import progress
 
@@ -221,6 +224,8 @@ class RecordWriter:
         exclude = list(self.exclude_modules)
         config = copy.deepcopy(self.config)
         if self.fmt == MODELOPT:
+            # modelopt readers match exclude_modules with fnmatch: spell regexes out as module names
+            exclude = expand_regex_patterns(exclude, self._modules())
             exclude += [m for m in self.bf16_linears if not is_excluded(m, exclude)]
             hf_quant, qc = mo.quant_configs(self.schemes, exclude, self.kv_cache_format, producer())
             self.writer.write_json(mo.HF_QUANT_CONFIG, hf_quant)

@@ -47,6 +47,18 @@ def is_excluded(module: str, patterns: Iterable[str]) -> bool:
     return any(pattern_matches(p, module) for p in patterns)
 
 
+def expand_regex_patterns(patterns: Iterable[str], modules: Iterable[str]) -> list[str]:
+    """Replace each ``re:`` pattern by the (sorted) module names it matches, for formats whose
+    readers only understand fnmatch patterns; other patterns are kept, duplicates dropped."""
+    modules = sorted(set(modules))
+    out: list[str] = []
+    for p in patterns:
+        for q in ([m for m in modules if pattern_matches(p, m)] if p.startswith("re:") else [p]):
+            if q not in out:
+                out.append(q)
+    return out
+
+
 def check_exclude_patterns(patterns: Iterable[str], modules: Iterable[str], *, what: str = "module") -> None:
     """Raise :class:`CheckpointError` naming every pattern that matches none of ``modules``."""
     modules = list(modules)

@@ -159,6 +159,10 @@ class ShardedWriter:
         self._buffer_bytes += nbytes
         self._names.add(name)
 
+    def names(self) -> set[str]:
+        """Names of the tensors added so far."""
+        return set(self._names)
+
     def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
         for k, v in tensors.items():
             self.add(k, v)
