@@ -12,6 +12,10 @@ from .app import app
 # one module per command (or command group); each registers itself on ``app``
 COMMAND_MODULES = (
     "nvfp4kit.cli.formats_cmd",
+    "nvfp4kit.cli.quantize_cmd",
+    "nvfp4kit.cli.eval_cmd",
+    "nvfp4kit.cli.inspect_cmd",
+    "nvfp4kit.cli.demo_cmd",
     "nvfp4kit.cli.convert_cmd",
     "nvfp4kit.cli.qat_cmd",
 )

@@ -1,0 +1,33 @@
+"""``nvfp4kit demo``: the main job end to end on the embedded model, no download needed."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from .app import app
+
+
+@app.command("demo")
+def demo_cmd(
+    out: str = typer.Option("nvfp4kit-demo/SmolLM2-135M-NVFP4", "--out", help="where the checkpoint is written"),
+    scheme: str = typer.Option("w4a4", "--scheme", help="w4a4 | w4a16"),
+    weight_scale: str = typer.Option("mse", "--weight-scale", help="max | mse | 4over6 | gptq"),
+    format: str = typer.Option("modelopt", "--format", help="modelopt | compressed-tensors"),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="calibration samples (built-in text)"),
+    seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration sample"),
+    eval_tokens: int = typer.Option(4096, "--eval-tokens", help="held-out tokens for perplexity"),
+) -> None:
+    """Quantize the embedded SmolLM2-135M with built-in calibration text, write the checkpoint, reload it,
+    and print fp32 vs NVFP4 perplexity on built-in held-out text."""
+    from ..pipelines.demo import run_demo
+
+    try:
+        r = run_demo(out, scheme, weight_scale, format, calib_samples, seq_len, eval_tokens)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        raise typer.BadParameter(str(e)) from e
+    c = Console()
+    c.print(f"checkpoint: {r.path}")
+    c.print(f"perplexity on {r.fp32.n_tokens} held-out tokens: fp32 {r.fp32.ppl:.3f}  "
+            f"NVFP4 {scheme} ({weight_scale}) {r.quantized.ppl:.3f}  "
+            f"(+{100 * (r.quantized.ppl / r.fp32.ppl - 1):.2f}%)")

@@ -1,0 +1,45 @@
+"""``nvfp4kit inspect``: per-layer table of a quantized checkpoint, optional error chart."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .app import app
+
+
+def _f(v, fmt=".3g"):
+    return "-" if v is None else format(v, fmt)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: str = typer.Argument(..., help="quantized checkpoint folder"),
+    against: Optional[str] = typer.Option(None, "--against", help="source model (HF folder or .gguf) to measure error"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG chart of the per-layer error"),
+) -> None:
+    """Format, shape, scale statistics and (with --against) relative weight error of each Linear."""
+    from ..pipelines.inspect import inspect_checkpoint
+
+    try:
+        r = inspect_checkpoint(path, against, plot)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    table = Table(title=f"{r.path} ({r.format}): {len(r.rows)} quantized Linears, {r.n_tensors} other tensors")
+    for c in ("module", "format", "shape", "global scale", "block scale min/mean/max", "input amax", "rel. error"):
+        table.add_column(c, justify="left" if c in ("module", "format") else "right")
+    for row in r.rows:
+        bs = "-" if row.block_scale_max is None else (
+            f"{row.block_scale_min:.3g}/{row.block_scale_mean:.3g}/{row.block_scale_max:.3g}")
+        table.add_row(row.name, row.format, "x".join(map(str, row.shape)), _f(row.global_scale), bs,
+                      _f(row.input_amax), _f(row.rel_error, ".4f"))
+    console = Console()
+    console.print(table)
+    if r.exclude_modules:
+        console.print(f"kept in high precision: {', '.join(r.exclude_modules[:12])}"
+                      + (" ..." if len(r.exclude_modules) > 12 else ""))
+    if r.plot is not None:
+        console.print(f"wrote {r.plot}")

@@ -1,0 +1,54 @@
+"""``nvfp4kit quantize``: calibrate and quantize a model, write a modelopt or compressed-tensors checkpoint."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .app import app
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Optional[str] = typer.Option(
+        None, "--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"),
+    out: str = typer.Option(..., "--out", help="output checkpoint folder (written atomically)"),
+    format: str = typer.Option("modelopt", "--format", help="modelopt | compressed-tensors"),
+    scheme: str = typer.Option("w4a4", "--scheme", help="w4a4 | w4a16 | fp8 | mixed"),
+    weight_scale: str = typer.Option("mse", "--weight-scale", help="max | mse | 4over6 | gptq"),
+    calib: Optional[str] = typer.Option(
+        None, "--calib", help="calibration text: .txt/.jsonl/.json/.parquet/.csv file or folder (default: built-in)"),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="number of calibration samples"),
+    seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration sample"),
+    exclude: Optional[List[str]] = typer.Option(
+        None, "--exclude", help="fnmatch pattern of modules kept in high precision (repeatable)"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="precision preset, e.g. nemotron3-super"),
+    weights_only_streaming: bool = typer.Option(
+        False, "--weights-only-streaming",
+        help="weight-only (W4A16 / FP8 weights) conversion one tensor at a time, without loading the model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+) -> None:
+    """Quantize a model to NVFP4 (or FP8 / mixed) with calibration and write the checkpoint."""
+    from ..pipelines.quantize import QuantizeJob, run_quantize, run_streaming
+
+    console = Console()
+    job = QuantizeJob(model=model, out=out, format=format, scheme=scheme, weight_scale=weight_scale, calib=calib,
+                      calib_samples=calib_samples, seq_len=seq_len, exclude=tuple(exclude or ()), recipe=recipe,
+                      overwrite=overwrite)
+    try:
+        if weights_only_streaming:
+            path = run_streaming(job)
+            console.print(f"wrote {path}")
+            return
+        result, path = run_quantize(job)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        raise typer.BadParameter(str(e)) from e
+    counts = result.plan.counts()
+    console.print(
+        f"quantized {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))} Linears "
+        f"(scheme {scheme}, weight scale {weight_scale}, {result.n_calib_tokens} calibration tokens)"
+    )
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+    console.print(f"wrote {path}")

@@ -1,0 +1,84 @@
+"""Run a quantized model on any device by emulation: Linears that compute with quantized records.
+
+:class:`EmulatedLinear` holds the dequantized weight of a :class:`QuantizedLinearWeight` (exact:
+E2M1 value x E4M3 block scale x FP32 global scale, or FP8 x scale) and, when the record has a
+static ``input_amax`` (W4A4 / W8A8), quantizes its input at run time the way the hardware path
+does: NVFP4 activations per 1x16 block along K with the calibrated global scale (values beyond the
+calibrated amax saturate), FP8 activations per tensor with ``amax / 448``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
+from ..formats.nvfp4 import dequantize_parts
+from ..formats.scales import E4M3_MAX, e4m3_rtne
+from ..kernels.dispatch import quantize_parts
+
+
+def dequantize_weight(q: QuantizedLinearWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The high-precision values a quantized weight record represents, ``[N, K]``."""
+    if q.format == "nvfp4":
+        p = q.nvfp4
+        return dequantize_parts(p.packed, p.block_scale, p.global_decode_scale, dtype)
+    if q.format == "fp8":
+        return (q.fp8_weight.float() * q.fp8_weight_scale.float()).to(dtype)
+    if q.weight is None:
+        raise ValueError("a bf16 weight record has no weight tensor")
+    return q.weight.to(dtype)
+
+
+def fake_quant_nvfp4_input(x: torch.Tensor, input_amax: float) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of activations: 1x16 blocks along the last dim, static global amax."""
+    parts = quantize_parts(x, global_amax=input_amax, name="activation")
+    return dequantize_parts(parts.packed, parts.block_scale, parts.global_decode_scale, x.dtype)
+
+
+def fake_quant_fp8_input(x: torch.Tensor, input_amax: float) -> torch.Tensor:
+    """Per-tensor static FP8 E4M3 quantize-dequantize with decode scale ``amax / 448``."""
+    scale = torch.tensor(input_amax / E4M3_MAX if input_amax > 0 else 1.0, dtype=torch.float32)
+    return (e4m3_rtne(x.float() / scale).float() * scale).to(x.dtype)
+
+
+class EmulatedLinear(nn.Module):
+    """A Linear computing with a quantized weight (and, with ``input_amax``, quantized activations)."""
+
+    def __init__(self, q: QuantizedLinearWeight, dtype: torch.dtype = torch.float32, quantize_input: bool = True):
+        super().__init__()
+        self.format = q.format
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", dequantize_weight(q, dtype), persistent=False)
+        self.register_buffer("bias", None if q.bias is None else q.bias.to(dtype), persistent=False)
+        self.input_amax = q.input_amax if quantize_input else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_amax is not None:
+            if self.format == "nvfp4":
+                x = fake_quant_nvfp4_input(x, self.input_amax)
+            elif self.format == "fp8":
+                x = fake_quant_fp8_input(x, self.input_amax)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        act = "static" if self.input_amax is not None else "none"
+        return f"{self.in_features}->{self.out_features}, format={self.format}, input quant={act}"
+
+
+def apply_quantized(model: nn.Module, qmodel: QuantizedModel, dtype: torch.dtype = torch.float32,
+                    quantize_inputs: bool = True) -> int:
+    """Swap the Linears of ``model`` named in ``qmodel.linears`` for :class:`EmulatedLinear`; returns how many."""
+    modules = dict(model.named_modules())
+    missing = [n for n in qmodel.linears if n not in modules]
+    if missing:
+        raise ValueError(f"quantized checkpoint names modules the model does not have: {', '.join(missing[:5])}")
+    for name, q in qmodel.linears.items():
+        old = modules[name]
+        if isinstance(old, nn.Linear) and tuple(old.weight.shape) != tuple(q.shape):
+            raise ValueError(f"{name}: quantized weight shape {tuple(q.shape)} != model's {tuple(old.weight.shape)}")
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, attr, EmulatedLinear(q, dtype, quantize_inputs))
+    return len(qmodel.linears)

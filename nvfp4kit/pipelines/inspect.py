@@ -1,0 +1,55 @@
+"""What is inside a quantized checkpoint, layer by layer (the job behind ``nvfp4kit inspect``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import progress
+from ..calibrate.moe import unfuse_experts
+from ..evaluate.report import LayerRow, layer_rows, plot_layer_errors
+
+
+@dataclass
+class InspectResult:
+    path: str
+    format: str
+    rows: list[LayerRow]
+    n_tensors: int
+    exclude_modules: list[str]
+    plot: Path | None = None
+
+
+def reference_weights(source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    """Linear weights (by module name) of a high-precision source model (HF folder, .gguf, or embedded)."""
+    from .quantize import load_source_model
+
+    loaded = load_source_model(source)
+    unfuse_experts(loaded.model)
+    return {n: m.weight.detach() for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def inspect_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None = None, plot: str | None = None,
+                       use_embedded_reference: bool = False) -> InspectResult:
+    """Per-layer rows of a quantized checkpoint; with ``against``, the relative weight error per layer."""
+    from ..checkpoint import detect_format, load_quantized
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"inspect: {str(p)!r} does not exist")
+    info = detect_format(p)
+    with progress.task(f"reading {p.name}", total=1) as t:
+        qm = load_quantized(p)
+        t.advance(1)
+    ref = reference_weights(against) if (against is not None or use_embedded_reference) else None
+    rows = layer_rows(qm, ref)
+    plot_path = None
+    if plot is not None:
+        if ref is None:
+            raise ValueError("--plot needs --against SOURCE (the per-layer error is measured against it)")
+        plot_path = plot_layer_errors(rows, plot, title=f"{p.name}: relative weight error per layer")
+    return InspectResult(str(p), info.format, rows, len(qm.tensors), list(qm.exclude_modules), plot_path)
