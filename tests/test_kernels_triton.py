@@ -499,3 +499,68 @@ def test_available_and_dispatch(monkeypatch):
             tk.quantize_parts(x)
     else:  # pragma: no cover - exercised on GPU machines
         assert dispatch.resolve_backend("auto", x) == "triton"
+
+
+# ----------------------------------------------------------------------------- the hardware build
+
+_COMPILE_SCRIPT = r'''
+import re, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from nvfp4kit.kernels import triton_nvfp4 as tk
+
+def build(fn, sig, consts):
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n] != "constexpr"}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+quant = dict(x_ptr="*bf16", M="i32", K="i32", stride_b="i32", stride_m="i32", stride_k="constexpr",
+             row_amax_ptr="*fp32", row_packed_ptr="*u8", row_scale_ptr="*u8", row_sdec_ptr="*fp32",
+             col_amax_ptr="*fp32", col_packed_ptr="*u8", col_scale_ptr="*u8", col_sdec_ptr="*fp32",
+             seed_ptr="*i64", bad_ptr="*i32", RANGE="constexpr", BLOCK_M="constexpr", BLOCK_K="constexpr",
+             ROW="constexpr", COL="constexpr", TWO_D="constexpr", STOCHASTIC="constexpr", ROW_RHT="constexpr",
+             COL_RHT="constexpr", SIGN_MASK="constexpr")
+base = dict(stride_k=1, RANGE=2688.0, BLOCK_M=32, BLOCK_K=128, SIGN_MASK=0x1234, ROW=True, COL=False,
+            TWO_D=False, STOCHASTIC=False, ROW_RHT=False, COL_RHT=False)
+ptx = {
+    "quant": build(tk._quantize_kernel, quant, base),
+    "quant2d": build(tk._quantize_kernel, dict(quant, x_ptr="*fp32"), dict(base, TWO_D=True)),
+    "quant_sr_rowcol_rht": build(tk._quantize_kernel, dict(quant, x_ptr="*fp16"),
+                                 dict(base, COL=True, STOCHASTIC=True, COL_RHT=True)),
+    "quant_rht": build(tk._quantize_kernel, quant, dict(base, ROW_RHT=True)),
+    "deq": build(tk._dequantize_kernel, dict(packed_ptr="*u8", scale_ptr="*u8", sdec_ptr="*fp32", out_ptr="*i16",
+                 R="i32", K="i32", BLOCK_R="constexpr", BLOCK_K="constexpr", OUT_KIND="constexpr"),
+                 dict(BLOCK_R=32, BLOCK_K=256, OUT_KIND=1)),
+    "gemm": build(tk._gemm_kernel, dict(a_packed="*u8", a_scale="*u8", b_packed="*u8", b_scale="*u8",
+                  alpha_ptr="*fp32", out_ptr="*fp32", M="i32", N="i32", K="i32", BLOCK_M="constexpr",
+                  BLOCK_N="constexpr", BLOCK_K="constexpr", OUT_KIND="constexpr"),
+                  dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, OUT_KIND=0)),
+    "mx": build(tk._mxfp8_kernel, dict(x_ptr="*bf16", R="i32", K="i32", stride_r="i32", stride_k="constexpr",
+                data_ptr="*u8", scale_ptr="*u8", bad_ptr="*i32", BLOCK_R="constexpr", BLOCK_K="constexpr",
+                RCEIL="constexpr"), dict(stride_k=1, BLOCK_R=32, BLOCK_K=128, RCEIL=True)),
+}
+for name, text in ptx.items():
+    assert "e4m3" not in text and "e5m2" not in text, name + ": uses a hardware fp8 conversion"
+    assert "div.full" not in text and "div.approx" not in text, name + ": approximate division"
+    assert ".ftz" not in text, name + ": flushes subnormals"
+    assert "fma.rn.f32" not in text or name == "gemm", name + ": contracted multiply-add"
+assert "div.rn.f32" in ptx["quant"]
+assert "ld.global.v4" in ptx["quant"], "the fused quantize should read 16 bytes per load"
+print("compiled", len(ptx))
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_with_exact_arithmetic():
+    """Build the kernels for an H100 target with the real backend (no GPU needed) and check the PTX keeps the
+    properties the interpreter cannot show: no fp8 conversion, IEEE division, no flush-to-zero, no FMA."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "compiled 7" in res.stdout

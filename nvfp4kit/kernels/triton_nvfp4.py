@@ -150,8 +150,9 @@ def _rht16(x, R: tl.constexpr, C: tl.constexpr, SIGN_MASK: tl.constexpr):
     0, 1, 2, 3 in that order (the order :func:`rht_reference` uses)."""
     N: tl.constexpr = R * (C // 16)
     idx = tl.arange(0, 16)
-    sgn = tl.where(((SIGN_MASK >> idx) & 1) != 0, -1.0, 1.0)
-    y = tl.reshape(x, (N, 16)) * sgn[None, :]
+    # the sign is applied by flipping the sign bit (no multiply that could be contracted into an FMA)
+    flip = tl.where(((SIGN_MASK >> idx) & 1) != 0, -2147483648, 0).to(tl.int32)
+    y = (tl.reshape(x, (N, 16)).to(tl.int32, bitcast=True) ^ flip[None, :]).to(tl.float32, bitcast=True)
     for _ in tl.static_range(4):
         a, b = tl.split(tl.reshape(y, (N, 8, 2)))
         # the new bit goes first, so after four stages the index order is restored
