@@ -23,7 +23,7 @@ _HF_TYPE_TO_LETTER = {
     "moe": "E",
     "mlp": "-",
 }
-_LETTER_TO_HF_TYPE = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+_LETTER_TO_HF_TYPE = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
 
 # legacy config.json key -> field name
 _LEGACY_KEYS = {

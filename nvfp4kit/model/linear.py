@@ -42,6 +42,11 @@ class Linear(torch.nn.Linear):
         self.precision = as_precision(precision)
         check_precision_fits("", in_features, out_features, self.precision)
 
+    def reset_parameters(self) -> None:
+        if self.weight.device.type == "meta":  # nothing to initialise (and 40k+ modules in big presets)
+            return
+        super().reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_linear(x, self.weight, self.bias, self.precision)
 

@@ -195,7 +195,8 @@ class Mamba2Mixer(torch.nn.Module):
         )
 
     def _dt(self, dt_raw: torch.Tensor) -> torch.Tensor:
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        acc = torch.promote_types(dt_raw.dtype, torch.float32)
+        dt = F.softplus(dt_raw.to(acc) + self.dt_bias.to(acc))
         lo, hi = self.time_step_limit
         if lo > 0 or math.isfinite(hi):
             dt = dt.clamp(min=lo, max=hi)
@@ -212,7 +213,7 @@ class Mamba2Mixer(torch.nn.Module):
         b, l, _ = hidden.shape
         zxbcdt = self.in_proj(hidden)
         z, xbc, dt_raw = torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
         dt = self._dt(dt_raw)
         k1 = self.conv_kernel - 1
         xbc_t = xbc.transpose(1, 2)  # [B, conv_dim, L]

@@ -44,9 +44,11 @@ class TopkRouter(torch.nn.Module):
                              torch.zeros(c.n_routed_experts, device=device, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor):
-        """x [T, d] -> (weights [T, k] fp32, indices [T, k] int64, scores [T, E] fp32)."""
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
-        choice = scores + self.e_score_correction_bias.float()
+        """x [T, d] -> (weights [T, k], indices [T, k] int64, scores [T, E]); weights and scores in
+        fp32 (fp64 for fp64 input)."""
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+        scores = torch.sigmoid(F.linear(x.to(acc), self.weight.to(acc)))
+        choice = scores + self.e_score_correction_bias.to(acc)
         if self.n_group > 1:
             t = choice.shape[0]
             per = self.num_experts // self.n_group
@@ -64,14 +66,17 @@ class TopkRouter(torch.nn.Module):
 
 def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, experts) -> torch.Tensor:
     """``sum_j weights[t, j] * experts[idx[t, j]](x[t])`` for every token t, by grouping the
-    (token, slot) pairs by expert. x [T, D]; returns [T, D] in fp32."""
+    (token, slot) pairs by expert. x [T, D]; returns [T, D] accumulated in fp32 (fp64 for fp64 input)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
     t, k = idx.shape
+    if t == 0:
+        return x.new_zeros(0, x.shape[-1], dtype=torch.promote_types(x.dtype, torch.float32))
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token_of = order // k
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
     xs = x[token_of]
-    w_sorted = weights.reshape(-1)[order].to(torch.float32)
+    w_sorted = weights.reshape(-1)[order].to(acc)
     outs = []
     start = 0
     for e, n in enumerate(counts):
@@ -79,8 +84,8 @@ def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, 
             continue
         outs.append(experts[e](xs[start:start + n]))
         start += n
-    out_sorted = torch.cat(outs, dim=0).float() * w_sorted[:, None]
-    y = torch.zeros(t, out_sorted.shape[-1], device=x.device, dtype=torch.float32)
+    out_sorted = torch.cat(outs, dim=0).to(acc) * w_sorted[:, None]
+    y = torch.zeros(t, out_sorted.shape[-1], device=x.device, dtype=acc)
     return y.index_add(0, token_of, out_sorted)
 
 

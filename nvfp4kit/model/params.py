@@ -64,8 +64,12 @@ def count_parameters(model_or_config) -> ParamCounts:
 
 
 def checkpoint_tensors(config: NemotronConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every tensor name of the released checkpoint layout with its shape and dtype (meta device)."""
+    """Every tensor name of the released checkpoint layout with its shape and dtype (meta device;
+    floating tensors in ``config.torch_dtype``, the router score-correction bias in fp32)."""
     from .lm import NemotronForCausalLM
 
-    model = NemotronForCausalLM(config, device="meta")
+    dtype = getattr(torch, str(config.torch_dtype).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"config: torch_dtype {config.torch_dtype!r} is not a floating torch dtype")
+    model = NemotronForCausalLM(config, device="meta", dtype=dtype)
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
