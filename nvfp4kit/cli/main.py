@@ -11,6 +11,7 @@ from .app import app
 
 # one module per command (or command group); each registers itself on ``app``
 COMMAND_MODULES = (
+    "nvfp4kit.cli.model_cmd",
     "nvfp4kit.cli.formats_cmd",
     "nvfp4kit.cli.quantize_cmd",
     "nvfp4kit.cli.eval_cmd",
