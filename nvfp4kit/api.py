@@ -32,10 +32,11 @@ def quantize(
         backend: ``"auto"``, ``"torch"`` (reference), ``"compiled"`` (fused CPU) or ``"triton"`` (CUDA).
 
     Returns:
-        An :class:`NVFP4Tensor` with ``x``'s shape and dtype; ``.packed``, ``.block_scale`` and
+        An :class:`NVFP4Tensor` with ``x``'s shape and dtype (float32 for float64 input); ``.packed``, ``.block_scale`` and
         ``.global_scale`` (decode direction, amax / 2688) hold the parts.
     """
-    parts = quantize_parts(x, tuple(block), rounding, generator, global_amax, scale_rule, backend)
+    with torch.no_grad():
+        parts = quantize_parts(x, tuple(block), rounding, generator, global_amax, scale_rule, backend)
     return NVFP4Tensor.from_parts(parts, dtype=x.dtype if x.dtype != torch.float64 else torch.float32)
 
 

@@ -123,10 +123,16 @@ def test_dot_T_of_a_matrix_is_its_transpose(block):
     assert torch.equal(qt.dequantize(), q.dequantize().T)
 
 
-def test_2d_transpose_needs_whole_row_tiles():
+def test_2d_transpose_of_a_partial_row_tile_keeps_row_parts():
+    """With a partial last row tile the exact re-blocking is impossible: t() flags the transpose,
+    keeps the row parts, and still represents exactly the transposed values; t().t() restores it."""
     q = nk.quantize(_x(20, 32), block=(16, 16))
-    with pytest.raises(ValueError, match="tile"):
-        q.t()
+    qt = q.t()
+    assert qt.transposed and tuple(qt.shape) == (32, 20)
+    assert torch.equal(qt.packed, q.packed)
+    assert torch.equal(qt.dequantize(), q.dequantize().t())
+    back = qt.t()
+    assert not back.transposed and same_parts(back, q)
 
 
 def test_view_and_reshape_keep_whole_blocks():

@@ -46,15 +46,15 @@ def _apply(x: torch.Tensor, dim: int, matrix: torch.Tensor, name: str) -> torch.
     dim = dim % x.ndim if x.ndim else 0
     if x.ndim == 0 or x.shape[dim] % size:
         raise ValueError(f"{name}: dim {dim} of shape {tuple(x.shape)} must be a multiple of {size}")
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xm = x.movedim(dim, -1)
-    xf = xm.float().reshape(*xm.shape[:-1], xm.shape[-1] // size, size)
-    y = (xf @ matrix.to(device=x.device)).reshape(xm.shape)
-    out_dtype = x.dtype if x.dtype != torch.float64 else torch.float32
-    return y.to(out_dtype).movedim(-1, dim)
+    xf = xm.to(compute).reshape(*xm.shape[:-1], xm.shape[-1] // size, size)
+    y = (xf @ matrix.to(device=x.device, dtype=compute)).reshape(xm.shape)
+    return y.to(x.dtype).movedim(-1, dim)
 
 
 def rht(x: torch.Tensor, dim: int = -1, sign=None, size: int = RHT_SIZE) -> torch.Tensor:
-    """Apply the blockwise RHT along ``dim`` (computed in float32, returned in x's dtype)."""
+    """Apply the blockwise RHT along ``dim`` (computed in float32, float64 for float64 input; returned in x's dtype)."""
     return _apply(x, dim, rht_matrix(sign, size), "rht")
 
 

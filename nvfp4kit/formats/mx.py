@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from .e2m1 import E2M1_MAX, e2m1_decode, e2m1_round_nearest, pack_nibbles, unpack_nibbles
+from .nvfp4 import check_finite_values
 from .scales import E4M3_MAX, ceil_log2, e4m3_rtne, e8m0_from_exponent, e8m0_to_float, floor_log2
 
 MX_BLOCK_SIZE = 32
@@ -59,6 +60,7 @@ def mx_scale_exponent(block_amax: torch.Tensor, element: MXElement, scale_rule: 
     return exp.clamp(-127, 127).to(torch.int32)
 
 
+@torch.no_grad()
 def mx_quantize(
     x: torch.Tensor, element: MXElement = "e4m3", scale_rule: MXScaleRule = "rceil", name: str = "input"
 ) -> MXParts:
@@ -69,8 +71,7 @@ def mx_quantize(
         raise TypeError(f"{name}: MX formats quantize floating tensors, got {getattr(x, 'dtype', type(x))}")
     if x.ndim == 0 or x.shape[-1] % MX_BLOCK_SIZE:
         raise ValueError(f"{name}: last dim must be a multiple of {MX_BLOCK_SIZE}, got shape {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: contains NaN or inf values; MX formats have no encoding for them here")
+    check_finite_values(x, name, "MXFP8" if element == "e4m3" else "MXFP4")
     xf = x.float()
     K = xf.shape[-1]
     xb = xf.reshape(*xf.shape[:-1], K // MX_BLOCK_SIZE, MX_BLOCK_SIZE)

@@ -18,7 +18,8 @@ Formula order (Transformer Engine's kernel order; see ``numerics.md`` section 2)
 
 Input policy (tested): floating dtypes only; K (the last dim) must be a multiple of 16; NaN and
 +-inf raise ``ValueError`` (NVFP4 has no encoding for them); float64 values beyond the float32 range
-raise; empty tensors and all-zero tensors/blocks are fine (scale 0, codes 0, dequantize to 0).
+raise; empty tensors and all-zero tensors/blocks are fine (scale 0, codes +-0 with the input's sign bit,
+dequantize to 0). Quantization never records autograd history.
 A caller-supplied ``global_amax`` smaller than the data saturates: block scales clamp at 448 and
 elements at +-6.
 """
@@ -82,19 +83,24 @@ def check_quantizable(x: torch.Tensor, name: str = "input", block: Block = BLOCK
             f"{name}: last dim must be a multiple of {BLOCK_SIZE} for NVFP4, got shape {tuple(x.shape)} "
             f"(pad K to {BLOCK_SIZE * -(-x.shape[-1] // BLOCK_SIZE)} or keep this tensor in high precision)"
         )
+    check_finite_values(x, name)
+
+
+def check_finite_values(x: torch.Tensor, name: str = "input", fmt: str = "NVFP4") -> None:
+    """Raise ``ValueError`` for NaN/inf, and for float64 values beyond the float32 range."""
     if x.numel() == 0:
         return
     if x.dtype == torch.float64:
         finite = torch.isfinite(x)
         if bool(finite.all()) and bool((x.abs() > FP32_MAX).any()):
-            raise ValueError(f"{name}: values beyond the float32 range ({FP32_MAX:.3e}) cannot be scaled to NVFP4")
+            raise ValueError(f"{name}: values beyond the float32 range ({FP32_MAX:.3e}) cannot be scaled to {fmt}")
     else:
         finite = torch.isfinite(x)
     if not bool(finite.all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(
-            f"{name}: contains {n_nan} NaN and {n_inf} inf values; NVFP4 has no encoding for them "
+            f"{name}: contains NaN or inf values ({n_nan} NaN, {n_inf} inf); {fmt} has no encoding for them "
             "(clean the tensor, or keep it in high precision)"
         )
 
@@ -146,6 +152,7 @@ def _codes_for_scale(xb: torch.Tensor, s_b: torch.Tensor, global_decode: torch.T
     return _round(scaled, rounding, generator)
 
 
+@torch.no_grad()
 def quantize_parts(
     x: torch.Tensor,
     block: Block = BLOCK_1D,

@@ -166,10 +166,10 @@ def _to_copy(func, t, dtype=None, device=None, layout=None, pin_memory=None, non
 def _transpose_matrix(t: NVFP4Tensor) -> NVFP4Tensor:
     if t.ndim != 2:
         raise ValueError(f"NVFP4Tensor: transpose of a {t.ndim}-dim tensor is not supported; only matrices")
-    if t.block == BLOCK_2D and not t.transposed:
+    if t.block == BLOCK_2D and not t.transposed and t.shape[0] % BLOCK_SIZE == 0:
+        # whole tiles: the exact transpose, i.e. the parts of quantize(W.t(), block=(16, 16))
         return NVFP4Tensor.from_parts(transpose_2d_parts(t.parts), t.dtype)
-    if t.block == BLOCK_2D and t.transposed:  # only arises from parts built by hand
-        return t._with(transposed=False)
+    # 1x16 blocks, or a partial last row tile: keep the row parts and flag the transpose
     return t._with(transposed=not t.transposed)
 
 
@@ -182,10 +182,20 @@ def _t(func, t):
 def _transpose(func, t, dim0, dim1):
     d0, d1 = sorted((dim0 % t.ndim, dim1 % t.ndim))
     if d0 == d1:
-        return t
+        return t._with()
     if t.ndim == 2 and (d0, d1) == (0, 1):
         return _transpose_matrix(t)
     raise ValueError(f"NVFP4Tensor: transpose({dim0}, {dim1}) of shape {tuple(t.shape)}: only the two dims of a matrix")
+
+
+@_implements(aten.permute.default)
+def _permute(func, t, dims):
+    dims = [d % t.ndim for d in dims]
+    if dims == list(range(t.ndim)):
+        return t._with()
+    if t.ndim == 2 and dims == [1, 0]:
+        return _transpose_matrix(t)
+    raise ValueError(f"NVFP4Tensor: permute{tuple(dims)} of shape {tuple(t.shape)}: only the transpose of a matrix")
 
 
 @_implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -199,7 +209,7 @@ def _view(func, t, size):
         size[size.index(-1)] = t.numel() // max(known, 1)
     if t.transposed:
         if tuple(size) == tuple(t.shape):
-            return t
+            return t._with()
         raise ValueError("NVFP4Tensor: cannot reshape a transposed NVFP4 matrix; transpose it back first")
     if not size or size[-1] != t.shape[-1]:
         raise ValueError(

@@ -77,6 +77,8 @@ def quantize_parts(
     name: str = "input",
 ) -> NVFP4Parts:
     """Quantize with the chosen backend; all backends return identical parts for ``rounding="nearest"``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     chosen = resolve_backend(backend, x, rounding)
     if chosen == "torch":
         return reference_quantize_parts(x, tuple(block), rounding, generator, global_amax, scale_rule, name)
