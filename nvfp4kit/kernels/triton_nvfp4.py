@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from ..formats.hadamard import DEFAULT_RHT_SIGN, RHT_SIZE, rht_matrix
+from ..formats import mx as ref_mx
 from ..formats.mx import MX_BLOCK_SIZE, MXParts
 from ..formats.nvfp4 import (
     BLOCK_1D,
@@ -577,6 +578,7 @@ def _check_tile(tile, two_d=False):
             raise ValueError(f"tile sizes must be powers of two >= 16, got {tile}")
 
 
+@torch.no_grad()
 def quantize_parts(x: torch.Tensor, *, block=BLOCK_1D, rounding="nearest", generator=None, global_amax=None,
                    scale_rule="max", name: str = "input", tile=None) -> NVFP4Parts:
     """Fused NVFP4 quantize; same semantics and input checks as ``formats.nvfp4.quantize_parts``.
@@ -612,6 +614,7 @@ def quantize_parts(x: torch.Tensor, *, block=BLOCK_1D, rounding="nearest", gener
     return NVFP4Parts(packed.reshape(*x.shape[:-1], -1), scale.reshape(*x.shape[:-1], -1), sdec, block)
 
 
+@torch.no_grad()
 def quantize_rowwise_columnwise(x: torch.Tensor, *, rounding="nearest", generator=None, global_amax=None,
                                 columnwise_rht: bool = False, rht_sign=None, columnwise_global_amax=None,
                                 name: str = "input", tile=None) -> tuple[NVFP4Parts, NVFP4Parts]:
@@ -678,6 +681,7 @@ def rht_reference(x: torch.Tensor, sign=None) -> torch.Tensor:
     return (y * 0.25).reshape(x.shape)
 
 
+@torch.no_grad()
 def rht_quantize(x: torch.Tensor, *, rounding="nearest", generator=None, global_amax=None, rht_sign=None,
                  name: str = "input", tile=None) -> NVFP4Parts:
     """Fused RHT (16-point, along the last dim, sign vector applied in registers) + 1x16 quantize, amax
@@ -704,6 +708,7 @@ def rht_quantize(x: torch.Tensor, *, rounding="nearest", generator=None, global_
     return NVFP4Parts(r[0].reshape(*x.shape[:-1], -1), r[1].reshape(*x.shape[:-1], -1), r[2], BLOCK_1D)
 
 
+@torch.no_grad()
 def global_amax(x: torch.Tensor, *, rht: bool = False, rht_sign=None, name: str = "input") -> torch.Tensor:
     """max |x| (float32 0-dim) as a two-phase reduction; with ``rht=True`` max |rht_reference(x)|.
     NaN/inf raise ``ValueError``."""
@@ -743,6 +748,7 @@ def _check_parts(parts: NVFP4Parts, name: str):
         )
 
 
+@torch.no_grad()
 def dequantize(parts: NVFP4Parts, dtype: torch.dtype = torch.float32, *, name: str = "input") -> torch.Tensor:
     """``e2m1_value * (fp32(block_scale) * global_decode_scale)`` cast to ``dtype`` (RTNE); bit-identical to
     ``formats.nvfp4.dequantize_parts``."""
@@ -767,6 +773,7 @@ def dequantize(parts: NVFP4Parts, dtype: torch.dtype = torch.float32, *, name: s
     return out.reshape(out_shape)
 
 
+@torch.no_grad()
 def nvfp4_gemm(a: NVFP4Parts, b: NVFP4Parts, out_dtype: torch.dtype = torch.float32, *,
                tile=(32, 32, 64)) -> torch.Tensor:
     """Emulated NVFP4 GEMM ``a [..., M, K] @ b [N, K]^T``: ``tl.dot`` on dequantized tiles (exact in
@@ -805,6 +812,7 @@ def nvfp4_gemm(a: NVFP4Parts, b: NVFP4Parts, out_dtype: torch.dtype = torch.floa
     return out.reshape(*a.packed.shape[:-1], N)
 
 
+@torch.no_grad()
 def mxfp8_quantize(x: torch.Tensor, scale_rule: str = "rceil", *, name: str = "input") -> MXParts:
     """MXFP8 (E4M3 elements, E8M0 scale per 32 along the last dim); bit-identical to
     ``formats.mx.mx_quantize(x, "e4m3", scale_rule)``."""
@@ -831,6 +839,7 @@ def mxfp8_quantize(x: torch.Tensor, scale_rule: str = "rceil", *, name: str = "i
         _mxfp8_kernel[grid](x2, R, K, x2.stride(0), x2.stride(1), data, scale, bad, BLOCK_R=br, BLOCK_K=bk,
                             RCEIL=scale_rule == "rceil")
         if bool(bad.any()):
-            raise ValueError(f"{name}: contains NaN or inf values; MX formats have no encoding for them here")
+            ref_mx.mx_quantize(x, "e4m3", scale_rule, name)  # raises the reference's NaN/inf message
+            raise ValueError(f"{name}: contains NaN or inf values; MX formats have no encoding for them")
     return MXParts(data.view(torch.float8_e4m3fn).reshape(x.shape),
                    scale.view(torch.float8_e8m0fnu).reshape(*x.shape[:-1], K // MX_BLOCK_SIZE), "e4m3")
