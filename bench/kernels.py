@@ -135,8 +135,10 @@ def peer_torchao(x: torch.Tensor):
     return "torchao nvfp4_quantize (eager)", lambda: nvfp4_quantize(x, 16, pts)
 
 
-def run_cuda(size: int, dtype: torch.dtype):
-    x = torch.randn(size, size, device="cuda", dtype=dtype)
+def run_cuda(size: int, dtype: torch.dtype, device: str = "cuda", timer=None):
+    """The GPU table. ``device``/``timer`` exist so the same code can be exercised on CPU."""
+    bench_cuda = timer or globals()["bench_cuda"]
+    x = torch.randn(size, size, device=device, dtype=dtype)
     y = torch.empty_like(x)
     t_copy = bench_cuda(lambda: y.copy_(x))
     copy_gbs = 2 * x.numel() * x.element_size() / t_copy / 1e9
@@ -153,20 +155,20 @@ def run_cuda(size: int, dtype: torch.dtype):
         try:
             t_peer = bench_cuda(peer[1], warmup=2, reps=10)
             t_ours = bench_cuda(lambda: tk.quantize_parts(x))
-            rows.append((f"peer: {peer[0]}", f"{t_peer * 1e6:.1f}", "", "", "", f"ours {t_peer / t_ours:.1f}x faster",
+            rows.append((f"peer: {peer[0]}", f"{t_peer * 1e6:.1f}", "", "", "", f"{t_peer / t_ours:.1f}x (peer time / ours)",
                          ""))
         except Exception as e:  # noqa: BLE001
             rows.append((f"peer: {peer[0]}", "failed", type(e).__name__, "", "", "", ""))
     # emulated GEMM: compute-bound, reported in TFLOP/s against the torch emulation
     m = min(size, 4096)
-    a = ref.quantize_parts(torch.randn(m, m, device="cuda"))
-    b = ref.quantize_parts(torch.randn(m, m, device="cuda"), (16, 16))
+    a = ref.quantize_parts(torch.randn(m, m, device=device))
+    b = ref.quantize_parts(torch.randn(m, m, device=device), (16, 16))
     t = bench_cuda(lambda: tk.nvfp4_gemm(a, b, torch.bfloat16, tile=(128, 128, 64)))
     t_ref = bench_cuda(lambda: ref_gemm.nvfp4_gemm(a, b, torch.bfloat16), warmup=1, reps=5)
     rows.append((f"emulated NVFP4 GEMM {m}^3 -> bf16", f"{t * 1e6:.1f}", f"{2 * m**3 / t / 1e12:.1f} TFLOP/s", "",
                  f"{t_ref * 1e6:.1f}", f"{t_ref / t:.1f}x", ""))
     header = ("kernel", "time (us)", "GB/s", "% of copy", "torch ref (us)", "speed-up vs torch", "bit-exact")
-    dev = torch.cuda.get_device_name()
+    dev = torch.cuda.get_device_name() if device == "cuda" else device
     return header, rows, f"CUDA, {dev}, {size}x{size} {str(dtype).replace('torch.', '')}"
 
 

@@ -240,10 +240,12 @@ def _amax_kernel(x_ptr, M, K, stride_b, stride_m, stride_k, partial_ptr, bad_ptr
                  ROW_RHT: tl.constexpr, COL_AMAX: tl.constexpr, COL_RHT: tl.constexpr, SIGN_MASK: tl.constexpr):
     """Phase one of the global amax: per-program max |x| (or |RHT_K(x)|) and, if COL_AMAX,
     max |RHT_M(x)^T| (or |x|); plus a count of non-finite values."""
-    pid_m = tl.program_id(0)
+    # axis 0 runs over batch x row tiles (no 65535 limit there), axis 1 over column tiles
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    pid_b = tl.program_id(0) // tiles_m
+    pid_m = tl.program_id(0) % tiles_m
     pid_k = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    pid = (pid_b * tl.num_programs(1) + pid_k) * tl.num_programs(0) + pid_m
+    pid = pid_k * tl.num_programs(0) + tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
@@ -274,10 +276,12 @@ def _quantize_kernel(x_ptr, M, K, stride_b, stride_m, stride_k,
                      ROW_RHT: tl.constexpr, COL_RHT: tl.constexpr, SIGN_MASK: tl.constexpr):
     """One read of a [M, K] tile (batch b of [B, M, K]); writes the rowwise parts of x (blocks along K)
     and/or the rowwise parts of x^T (blocks along M) into [K, M/2] / [K, M/16]."""
-    pid_m = tl.program_id(0)
+    # axis 0 runs over batch x row tiles (no 65535 limit there), axis 1 over column tiles
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    pid_b = tl.program_id(0) // tiles_m
+    pid_m = tl.program_id(0) % tiles_m
     pid_k = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    pid = (pid_b * tl.num_programs(1) + pid_k) * tl.num_programs(0) + pid_m
+    pid = pid_k * tl.num_programs(0) + tl.program_id(0)
     row0 = pid_m * BLOCK_M
     col0 = pid_k * BLOCK_K
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -520,8 +524,8 @@ def _run_amax(x3: torch.Tensor, *, row_rht=False, col=False, col_rht=False, sign
     """Two-phase amax of a [B, M, K] view: (row amax, col amax or None, nonfinite flags)."""
     B, M, K = x3.shape
     bm, bk = tile or _tiles("amax")
-    grid = (triton.cdiv(M, bm), triton.cdiv(K, bk), B)
-    n = grid[0] * grid[1] * grid[2]
+    grid = (triton.cdiv(M, bm) * B, triton.cdiv(K, bk))
+    n = grid[0] * grid[1]
     partial = torch.zeros(n, 2, dtype=torch.float32, device=x3.device)
     bad = torch.zeros(n, dtype=torch.int32, device=x3.device)
     _amax_kernel[grid](x3, M, K, x3.stride(0), x3.stride(1), x3.stride(2), partial, bad,
@@ -537,8 +541,8 @@ def _launch_quantize(x3, *, row, col, two_d, stochastic, row_amax, col_amax, see
     B, M, K = x3.shape
     dev = x3.device
     bm, bk = tile or _tiles("quant")
-    grid = (triton.cdiv(M, bm), triton.cdiv(K, bk), B)
-    n = grid[0] * grid[1] * grid[2]
+    grid = (triton.cdiv(M, bm) * B, triton.cdiv(K, bk))
+    n = grid[0] * grid[1]
     bad = torch.zeros(n, dtype=torch.int32, device=dev)
     dummy_u8 = torch.empty(1, dtype=torch.uint8, device=dev)
     dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
