@@ -65,6 +65,13 @@ def _types_to_pattern(types, what: str) -> str:
     return "".join(out)
 
 
+def _as_float(v) -> float:
+    """A JSON number, "Infinity", or HF's ``{"__float__": "Infinity"}`` encoding."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)
+
+
 @dataclass
 class NemotronConfig:
     """Hyper-parameters of a Nemotron-H / Nemotron 3 hybrid model (field names follow HF)."""
@@ -251,7 +258,7 @@ class NemotronConfig:
             if k in known:
                 kw[k] = d.pop(k)
         if "time_step_limit" in kw:
-            kw["time_step_limit"] = tuple(float(v) for v in kw["time_step_limit"])
+            kw["time_step_limit"] = tuple(_as_float(v) for v in kw["time_step_limit"])
         if "mamba_num_heads" not in kw and "hidden_size" in kw:
             # old configs give expand and head_dim only
             head_dim = kw.get("mamba_head_dim", cls.mamba_head_dim)
