@@ -273,3 +273,24 @@ def test_roundtrip_property(tmp_path_factory, n, k, scale, amax, fmt, seed):
     assert_same_linear(lw, back)
     if amax is not None:
         assert back.input_amax == pytest.approx(amax, rel=2**-22)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tied_tensors_and_zero_weight(tmp_path, fmt):
+    """Tensors sharing memory (tied embeddings) are written as copies; an all-zero Linear (global
+    decode scale 0, as modelopt exports amax 0) round-trips to zeros."""
+    emb = torch.randn(50, 32)
+    zero = QuantizedLinearWeight("nvfp4", (16, 32), nvfp4=quantize_parts(torch.zeros(16, 32)))
+    zero_mo = QuantizedLinearWeight(
+        "nvfp4", (16, 32),
+        nvfp4=type(zero.nvfp4)(zero.nvfp4.packed, zero.nvfp4.block_scale, torch.zeros(())),
+    )
+    m = QuantizedModel(
+        linears={"model.layers.0.mlp.down_proj": zero, "model.layers.0.mlp.o_proj": zero_mo},
+        tensors={"model.embed_tokens.weight": emb, "lm_head.weight": emb, "model.norm.weight": emb[0]},
+        config={"tie_word_embeddings": True},
+    )
+    back = load_quantized(save_quantized(m, tmp_path / "q", fmt))
+    assert torch.equal(back.tensors["lm_head.weight"], emb) and torch.equal(back.tensors["model.norm.weight"], emb[0])
+    for n in m.linears:
+        assert torch.equal(dequantize_linear(back.linears[n], torch.float32), torch.zeros(16, 32))

@@ -89,8 +89,10 @@ def test_ignore_entry_matches_like_fnmatch(pattern, names):
 @pytest.mark.parametrize("fmt, k_name", [("modelopt", "self_attn.k_proj.k_scale"), ("compressed-tensors", "self_attn.k_scale")])
 def test_fp8_kv_cache_scales(tmp_path, fmt, k_name):
     w = torch.randn(32, 32)
+    parts = quantize_parts(w)  # k_proj is a quantized Linear too: its k_scale sits beside its weights
     m = QuantizedModel(
-        linears={"model.layers.0.self_attn.q_proj": QuantizedLinearWeight("nvfp4", (32, 32), nvfp4=quantize_parts(w), input_amax=1.0)},
+        linears={f"model.layers.0.self_attn.{n}": QuantizedLinearWeight("nvfp4", (32, 32), nvfp4=parts, input_amax=1.0)
+                 for n in ("q_proj", "k_proj", "v_proj")},
         config={"model_type": "llama"},
         kv_cache_format="fp8",
         kv_cache_amax={"model.layers.0.self_attn": (44.8, 8.96)},
@@ -104,6 +106,7 @@ def test_fp8_kv_cache_scales(tmp_path, fmt, k_name):
     if fmt == "modelopt":
         assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["kv_cache_quant_algo"] == "FP8"
     back = load_quantized(out)
+    assert sorted(back.linears) == [f"model.layers.0.self_attn.{n}" for n in ("k_proj", "q_proj", "v_proj")]
     assert back.kv_cache_format == "fp8"
     k_amax, v_amax = back.kv_cache_amax["model.layers.0.self_attn"]
     assert k_amax == pytest.approx(44.8, rel=2**-22) and v_amax == pytest.approx(8.96, rel=2**-22)

@@ -69,6 +69,18 @@ def _one(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).reshape(1)
 
 
+def _weight_encode_scale(name: str, p: NVFP4Parts) -> torch.Tensor:
+    """The encode-direction global scale: the float32 reciprocal of the decode scale. A zero decode
+    scale (all-zero weight) has no reciprocal; with all-zero block scales any value decodes to
+    zeros, and 1 is written."""
+    g = p.global_decode_scale.float().reshape(())
+    if float(g) == 0.0:
+        if bool((p.block_scale.float() != 0).any()):
+            raise CheckpointError(f"{name}: global decode scale is 0 but block scales are not; cannot write an encode scale")
+        return torch.ones((), dtype=torch.float32)
+    return encode_from_decode(g)
+
+
 def linear_tensors(name: str, lw: QuantizedLinearWeight) -> dict[str, torch.Tensor]:
     """On-disk tensors of one Linear record (validated beforehand)."""
     out: dict[str, torch.Tensor] = {}
@@ -76,7 +88,7 @@ def linear_tensors(name: str, lw: QuantizedLinearWeight) -> dict[str, torch.Tens
         p = lw.nvfp4
         out[f"{name}.{WEIGHT_PACKED}"] = p.packed
         out[f"{name}.{WEIGHT_SCALE}"] = p.block_scale
-        out[f"{name}.{WEIGHT_GLOBAL_SCALE}"] = _one(encode_from_decode(p.global_decode_scale.float()))
+        out[f"{name}.{WEIGHT_GLOBAL_SCALE}"] = _one(_weight_encode_scale(name, p))
         if lw.input_amax is not None:
             out[f"{name}.{INPUT_GLOBAL_SCALE}"] = _one(input_encode_scale(lw.input_amax, NVFP4_ACT_RANGE))
     elif lw.format == "fp8":

@@ -87,8 +87,9 @@ def validate_linear(name: str, lw: QuantizedLinearWeight) -> None:
                 f"got {p.block_scale.dtype} {list(p.block_scale.shape)}"
             )
         g = p.global_decode_scale
-        if g.numel() != 1 or not g.dtype.is_floating_point or not bool(torch.isfinite(g).all()) or float(g) <= 0:
-            raise CheckpointError(f"{name}: global decode scale must be one positive finite float, got {g}")
+        # 0 is legal (an all-zero weight exported as amax / 2688); it dequantizes to zeros
+        if g.numel() != 1 or not g.dtype.is_floating_point or not bool(torch.isfinite(g).all()) or float(g) < 0:
+            raise CheckpointError(f"{name}: global decode scale must be one finite non-negative float, got {g}")
     elif lw.format == "fp8":
         w, s = lw.fp8_weight, lw.fp8_weight_scale
         if w is None or s is None:

@@ -261,18 +261,7 @@ def iter_records(reader: CheckpointReader, q: dict) -> Iterator[tuple[str, str, 
         if n in done:
             continue
         module, _, leaf = n.rpartition(".")
-        if module in quantized:
-            if leaf not in LINEAR_SUFFIXES:
-                raise CheckpointError(
-                    f"{reader.where(n)}: unsupported tensor of a quantized Linear ({leaf!r}; "
-                    f"nvfp4kit reads {', '.join(LINEAR_SUFFIXES)})"
-                )
-            expected = (layers.get(module) or {}).get("quant_algo") if algo == MIXED else algo
-            if algo == MIXED and module not in layers:
-                raise CheckpointError(f"{reader.dir}: {module} is quantized but missing from quantized_layers")
-            yield "linear", module, read_linear(reader, module, expected)
-            done.update(f"{module}.{s}" for s in LINEAR_SUFFIXES)
-            continue
+        # KV-cache scales first: A.k_proj may itself be a quantized Linear
         proj, _, _ = module.rpartition(".")  # A.k_proj.k_scale -> A
         if (module.endswith("." + K_SCALE[0]) and leaf == K_SCALE[1]) or (
             module.endswith("." + V_SCALE[0]) and leaf == V_SCALE[1]
@@ -289,5 +278,17 @@ def iter_records(reader: CheckpointReader, q: dict) -> Iterator[tuple[str, str, 
             done.update((k_name, v_name))
             yield "kv", attn, (amax_from_decode(_scalar(reader, k_name), FP8_RANGE),
                                amax_from_decode(_scalar(reader, v_name), FP8_RANGE))
+            continue
+        if module in quantized:
+            if leaf not in LINEAR_SUFFIXES:
+                raise CheckpointError(
+                    f"{reader.where(n)}: unsupported tensor of a quantized Linear ({leaf!r}; "
+                    f"nvfp4kit reads {', '.join(LINEAR_SUFFIXES)})"
+                )
+            expected = (layers.get(module) or {}).get("quant_algo") if algo == MIXED else algo
+            if algo == MIXED and module not in layers:
+                raise CheckpointError(f"{reader.dir}: {module} is quantized but missing from quantized_layers")
+            yield "linear", module, read_linear(reader, module, expected)
+            done.update(f"{module}.{s}" for s in LINEAR_SUFFIXES)
             continue
         yield "tensor", n, reader.get(n)

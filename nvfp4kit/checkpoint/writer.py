@@ -111,6 +111,7 @@ class ShardedWriter:
         self.tmp: Path | None = None
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
+        self._storages: set[int] = set()  # storages of the buffered tensors
         self._shards: list[tuple[str, list[str], int]] = []  # (temp file name, names, bytes)
         self._names: set[str] = set()
         self._finished = False
@@ -155,6 +156,13 @@ class ShardedWriter:
         nbytes = t.numel() * t.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self.flush()
+        # safetensors refuses tensors sharing memory (tied embeddings, views of one buffer): copy
+        storage = t.untyped_storage().data_ptr() if t.numel() else None
+        if storage is not None and storage in self._storages:
+            t = t.clone()
+            storage = t.untyped_storage().data_ptr()
+        if storage is not None:
+            self._storages.add(storage)
         self._buffer[name] = t
         self._buffer_bytes += nbytes
         self._names.add(name)
@@ -179,6 +187,7 @@ class ShardedWriter:
         self._shards.append((fname, list(self._buffer), self._buffer_bytes))
         self._buffer = {}
         self._buffer_bytes = 0
+        self._storages = set()
 
     def write_json(self, fname: str, obj: dict) -> None:
         tmp = self._need_open()
