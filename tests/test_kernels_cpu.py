@@ -358,3 +358,17 @@ def test_without_a_compiler_falls_back_to_the_reference(monkeypatch, tmp_path, c
     with pytest.raises(dispatch.BackendUnavailable):
         dispatch.resolve_backend("compiled", x)
     both(x[:8])  # called directly, it answers with the reference
+
+
+def test_a_forked_child_gets_a_new_thread_pool(monkeypatch):
+    # the threads of a pool do not survive fork(); the pool is keyed by process id
+    monkeypatch.setattr(cpu, "_pool", None)  # restored afterwards, with its key
+    monkeypatch.setattr(cpu, "_pool_key", (0, 0))
+    pool = cpu._executor(2)
+    assert cpu._executor(2) is pool
+    monkeypatch.setattr(cpu.os, "getpid", lambda: -12345)
+    child_pool = cpu._executor(2)
+    assert child_pool is not pool
+    assert sorted(child_pool.map(lambda v: v * v, range(4))) == [0, 1, 4, 9]
+    pool.shutdown()
+    child_pool.shutdown()

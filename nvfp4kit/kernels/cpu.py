@@ -184,7 +184,7 @@ _lock = threading.Lock()
 _lib = None
 _lib_error: str | None = None
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key: tuple[int, int] = (0, 0)  # (size, pid): a forked child starts its own pool
 
 
 # ----------------------------------------------------------------------------- build and load
@@ -290,7 +290,7 @@ def _load():
             if not path.exists():
                 try:
                     _build(cc, path)
-                except PermissionError:  # read-only cache dir: build in a private temp dir instead
+                except OSError:  # unwritable cache dir: build in a private temp dir instead
                     path = Path(tempfile.gettempdir()) / f"nvfp4kit-{os.getuid() if hasattr(os, 'getuid') else 0}" / path.name
                     if not path.exists():
                         _build(cc, path)
@@ -319,13 +319,14 @@ def available(device: torch.device) -> tuple[bool, str]:
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_key
     with _lock:
-        if _pool is None or _pool_size != n:
-            if _pool is not None:
+        key = (n, os.getpid())
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[1] == key[1]:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nvfp4kit-cpu")
-            _pool_size = n
+            _pool_key = key
         return _pool
 
 
