@@ -287,6 +287,35 @@ def test_stochastic_rounding_is_reproducible_and_picks_a_neighbour(dtype):
     assert torch.equal(sign, torch.signbit(x.cpu().float()))
 
 
+@settings(max_examples=EXAMPLES)
+@given(rows=st.integers(1, 40), kb=st.integers(1, 6), dtype=st.sampled_from(DTYPES),
+       block=st.sampled_from([ref.BLOCK_1D, ref.BLOCK_2D]), seed=st.integers(0, 999))
+def test_stochastic_codes_are_neighbours_with_reference_scales(rows, kb, dtype, block, seed):
+    x = rand_tensor((rows, 16 * kb), dtype, seed, 5)
+    got = tk.quantize_parts(x, block=block, rounding="stochastic", generator=torch.Generator(DEVICE).manual_seed(seed))
+    nearest = ref.quantize_parts(x, block)
+    assert torch.equal(u8(got.block_scale).cpu(), u8(nearest.block_scale).cpu())
+    assert torch.equal(got.global_decode_scale.cpu(), nearest.global_decode_scale.cpu())
+    codes = unpack_nibbles(got.packed.cpu()).long()
+    _, lo, hi = _neighbours(x.cpu(), nearest)
+    assert bool((((codes & 7) == lo) | ((codes & 7) == hi)).all())
+    assert torch.equal((codes >> 3).bool(), torch.signbit(x.cpu().float()))
+
+
+def test_stochastic_columnwise_and_rht_operands_pick_neighbours():
+    x = rand_tensor((32, 48), torch.bfloat16, 25, 4)
+    gen = torch.Generator(DEVICE).manual_seed(3)
+    rw, cw = tk.quantize_rowwise_columnwise(x, rounding="stochastic", generator=gen, columnwise_rht=True)
+    for operand, parts in ((x, rw), (tk.rht_reference(x.t()), cw)):
+        nearest = ref.quantize_parts(operand)
+        assert torch.equal(u8(parts.block_scale).cpu(), u8(nearest.block_scale).cpu())
+        codes = unpack_nibbles(parts.packed.cpu()).long()
+        _, lo, hi = _neighbours(operand.cpu(), nearest)
+        assert bool((((codes & 7) == lo) | ((codes & 7) == hi)).all())
+    # the two outputs draw from different streams: not the nearest codes everywhere
+    assert not torch.equal(cw.packed, ref.quantize_parts(tk.rht_reference(x.t())).packed)
+
+
 def test_stochastic_rounding_is_unbiased():
     # one row of values between grid points, replicated over many rows: each row is an independent draw
     g = torch.Generator().manual_seed(14)
