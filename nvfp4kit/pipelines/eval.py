@@ -31,6 +31,8 @@ def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     from ..checkpoint import load_quantized
 
     p = Path(path)
+    if qm_is_hybrid(p):
+        return _load_quantized_hybrid(p, dtype, quantize_inputs)
     with progress.task(f"loading {p.name}", total=1) as t:
         qm = load_quantized(p)
         config = AutoConfig.from_pretrained(str(p))
@@ -55,6 +57,35 @@ def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
         t.advance(1)
     model.eval()
     return LoadedModel(model, tok, str(p), "quantized", qm)
+
+
+def qm_is_hybrid(path: Path) -> bool:
+    from .quantize import is_hybrid_checkpoint
+
+    return is_hybrid_checkpoint(path)
+
+
+def _load_quantized_hybrid(p: Path, dtype: torch.dtype, quantize_inputs: bool) -> LoadedModel:
+    """A quantized Nemotron 3 hybrid checkpoint in nvfp4kit's model, quantized Linears emulated."""
+    from ..checkpoint import load_quantized
+    from ..model.config import NemotronConfig
+    from ..model.lm import NemotronForCausalLM
+    from .quantize import _tokenizer_or_none
+
+    with progress.task(f"loading {p.name}", total=1) as t:
+        qm = load_quantized(p)
+        cfg = {k: v for k, v in qm.config.items() if k != "quantization_config"}
+        model = NemotronForCausalLM(NemotronConfig.from_dict(cfg), dtype=dtype)
+        apply_quantized(model, qm, dtype, quantize_inputs)
+        result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in qm.tensors.items()},
+                                       strict=False)
+        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if result.unexpected_keys or missing:
+            bad = result.unexpected_keys or missing
+            raise ValueError(f"{p}: checkpoint tensors do not match the model: {', '.join(bad[:5])}")
+        t.advance(1)
+    model.eval()
+    return LoadedModel(model, _tokenizer_or_none(p), str(p), "quantized", qm)
 
 
 def load_model(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32,

@@ -59,7 +59,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     source: str
-    kind: str  # "hf", "gguf", "quantized"
+    kind: str  # "hf", "gguf", "hybrid", "quantized"
     quantized: QuantizedModel | None = None
 
 
@@ -77,6 +77,26 @@ def is_quantized_checkpoint(path: Path) -> bool:
     return False
 
 
+def is_hybrid_checkpoint(path: Path) -> bool:
+    """A Nemotron 3 hybrid (``model_type: nemotron_h``) folder: loaded with nvfp4kit's own model."""
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "nemotron_h"
+    except (OSError, ValueError):
+        return False
+
+
+def _tokenizer_or_none(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        progress.log(f"no tokenizer in {path} ({type(e).__name__}); calibration and evaluation need one")
+        return None
+
+
 def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a high-precision model: an HF folder, a ``.gguf`` file, or the embedded default (``None``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,9 +112,15 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
         elif p.is_dir() and (p / "config.json").is_file():
             if is_quantized_checkpoint(p):
                 raise ValueError(f"--model {str(p)!r} is already a quantized checkpoint; quantize its source model")
-            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(str(p))
-            kind = "hf"
+            if is_hybrid_checkpoint(p):
+                from ..model.io import load_pretrained
+
+                model = load_pretrained(p, dtype=dtype)
+                kind = "hybrid"
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+                kind = "hf"
+            tok = _tokenizer_or_none(p)
         else:
             raise ValueError(f"--model {str(p)!r}: expected a Hugging Face model folder (config.json) or a .gguf file")
         t.advance(1)
@@ -248,7 +274,7 @@ def _config_dict(model: nn.Module) -> dict:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {}
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    d = dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else dict(cfg)
     d.pop("quantization_config", None)
     return d
 
@@ -298,6 +324,8 @@ def run_quantize(job: QuantizeJob, loaded: LoadedModel | None = None) -> tuple[Q
     samples = None
     needs_calib = job.scheme != "w4a16" or job.weight_scale == "gptq"
     if needs_calib:
+        if loaded.tokenizer is None:
+            raise ValueError(f"--model {loaded.source!r} has no tokenizer files, needed to tokenize the calibration text")
         samples = calibration_samples(loaded.tokenizer, job.calib, job.calib_samples, job.seq_len)
         if samples.shape[0] < job.calib_samples:
             progress.log(f"calibration text gave {samples.shape[0]} samples of {job.seq_len} tokens "
