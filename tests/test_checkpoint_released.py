@@ -128,3 +128,23 @@ def test_compressed_tensors_release_style(tmp_path, input_global):
     assert lw.input_amax == (None if input_global is None else 2688 / 448.0)
     assert torch.equal(dequantize_linear(lw, torch.float64), torch.tensor(values, dtype=torch.float64) * 0.25)
     assert qm.exclude_modules == ["lm_head", "re:.*mlp\\.gate$"]
+
+
+def test_summarize_from_headers(tmp_path):
+    from nvfp4kit.checkpoint import summarize_checkpoint
+
+    a = "model.layers.0.self_attn"
+    packed, scale, _ = hand_nvfp4(16, 32, seed=4)
+    t = {f"{a}.q_proj.weight": packed, f"{a}.q_proj.weight_scale": scale, f"{a}.q_proj.weight_scale_2": torch.tensor(1.0),
+         f"{a}.q_proj.input_scale": torch.tensor(1.0),
+         f"{a}.o_proj.weight": torch.ones(16, 32).to(torch.float8_e4m3fn), f"{a}.o_proj.weight_scale": torch.tensor(1.0),
+         "lm_head.weight": torch.ones(8, 32, dtype=torch.bfloat16)}
+    hf_quant = {"producer": {"name": "modelopt", "version": "0.31.0"},
+                "quantization": {"quant_algo": "MIXED_PRECISION", "exclude_modules": ["lm_head"],
+                                 "quantized_layers": {f"{a}.q_proj": {"quant_algo": "NVFP4", "group_size": 16},
+                                                      f"{a}.o_proj": {"quant_algo": "FP8"}}}}
+    write(tmp_path / "s", t, hf_quant)
+    s = summarize_checkpoint(tmp_path / "s")
+    assert s.linears == {f"{a}.q_proj": ("nvfp4", (16, 32)), f"{a}.o_proj": ("fp8-w8a16", (16, 32))}
+    assert (s.tensors, s.files) == (7, 1)
+    assert s.bytes_by_dtype == {"U8": 16 * 16, "F8_E4M3": 16 * 2 + 16 * 32, "F32": 3 * 4, "BF16": 8 * 32 * 2}

@@ -23,6 +23,7 @@ Reading::
     info = detect_format("nvidia/Some-NVFP4")     # .format: modelopt | compressed-tensors | unquantized
     model = load_quantized("nvidia/Some-NVFP4")   # QuantizedModel (CPU tensors, safetensors only)
     sd = dequantized_state_dict(model, torch.bfloat16)   # plain HF state dict
+    s = summarize_checkpoint("nvidia/Some-NVFP4")  # headers only: s.linears {module: (scheme, (N, K))}
 
 Converting and streaming (bounded memory, one tensor / module at a time)::
 
@@ -45,11 +46,13 @@ from .quantized import (
     UNQUANTIZED,
     WRITE_FORMATS,
     CheckpointInfo,
+    CheckpointSummary,
     RecordWriter,
     detect_format,
     iter_records,
     load_quantized,
     save_quantized,
+    summarize_checkpoint,
 )
 from .reader import CheckpointReader
 from .streaming import quantize_checkpoint
@@ -67,6 +70,7 @@ from .writer import ShardedWriter
 __all__ = [
     "CheckpointError",
     "CheckpointInfo",
+    "CheckpointSummary",
     "CheckpointReader",
     "COMPRESSED_TENSORS",
     "DEFAULT_EXCLUDE",
@@ -92,6 +96,7 @@ __all__ = [
     "save_quantized",
     "scheme_of",
     "shared_global_amax_groups",
+    "summarize_checkpoint",
     "validate_linear",
     "validate_model",
 ]

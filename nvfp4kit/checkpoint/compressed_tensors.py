@@ -358,6 +358,21 @@ def read_fp8(reader: CheckpointReader, module: str) -> QuantizedLinearWeight:
                                  input_amax=input_amax, bias=bias)
 
 
+def linear_schemes(reader: CheckpointReader) -> dict[str, tuple[str, tuple[int, int]]]:
+    """module -> (scheme, (N, K)) of every quantized Linear, from the headers alone."""
+    out = {}
+    for n in reader.names():
+        m, _, leaf = n.rpartition(".")
+        if leaf == WEIGHT_PACKED and len(reader.shape(n)) == 2:
+            N, k = reader.shape(n)
+            out[m] = (NVFP4 if f"{m}.{INPUT_GLOBAL_SCALE}" in reader else NVFP4_W4A16, (N, 2 * k))
+        elif leaf == WEIGHT_SCALE and f"{m}.{WEIGHT}" in reader and reader.dtype_str(f"{m}.{WEIGHT}") == "F8_E4M3":
+            shape = reader.shape(f"{m}.{WEIGHT}")
+            if len(shape) == 2:
+                out[m] = (FP8 if f"{m}.{INPUT_SCALE}" in reader else FP8_W8A16, (shape[0], shape[1]))
+    return out
+
+
 def iter_records(reader: CheckpointReader, qc: dict) -> Iterator[tuple[str, str, object]]:
     """Yield ``("linear", module, QuantizedLinearWeight)``, ``("kv", attention, (k_amax, v_amax))``
     and ``("tensor", name, Tensor)`` one at a time."""

@@ -238,6 +238,25 @@ def read_linear(reader: CheckpointReader, module: str, expected_algo: str | None
     )
 
 
+def linear_schemes(reader: CheckpointReader) -> dict[str, tuple[str, tuple[int, int]]]:
+    """module -> (scheme, (N, K)) of every quantized Linear, from the headers alone."""
+    out = {}
+    for n in reader.names():
+        if not n.endswith("." + WEIGHT_SCALE):
+            continue
+        m = n[: -len(WEIGHT_SCALE) - 1]
+        w = f"{m}.{WEIGHT}"
+        if w not in reader or len(reader.shape(w)) != 2:
+            continue
+        N, k = reader.shape(w)
+        has_input = f"{m}.{INPUT_SCALE}" in reader
+        if reader.dtype_str(w) == "U8":
+            out[m] = (NVFP4 if has_input else NVFP4_W4A16, (N, 2 * k))
+        elif reader.dtype_str(w) == "F8_E4M3":
+            out[m] = (FP8 if has_input else FP8_W8A16, (N, k))
+    return out
+
+
 def iter_records(reader: CheckpointReader, q: dict) -> Iterator[tuple[str, str, object]]:
     """Yield ``("linear", module, QuantizedLinearWeight)``, ``("kv", attention, (k_amax, v_amax))``
     and ``("tensor", name, Tensor)`` one at a time (a module's tensors are loaded together)."""

@@ -99,6 +99,37 @@ def iter_records(reader: CheckpointReader, info: CheckpointInfo) -> Iterator[tup
     return (("tensor", n, reader.get(n)) for n in reader.names())
 
 
+@dataclass
+class CheckpointSummary:
+    """What :func:`summarize_checkpoint` reports: the format facts, each quantized Linear's scheme
+    and shape, and sizes, all read from configs and safetensors headers (no tensor data loaded)."""
+
+    info: CheckpointInfo
+    linears: dict[str, tuple[str, tuple[int, int]]]
+    tensors: int
+    files: int
+    bytes: int
+    bytes_by_dtype: dict[str, int]
+
+
+def summarize_checkpoint(path) -> CheckpointSummary:
+    """Format, per-Linear schemes (``nvfp4``, ``nvfp4-w4a16``, ``fp8``, ``fp8-w8a16``) and sizes of a
+    checkpoint, from its configs and headers only (cheap for checkpoints of any size)."""
+    with CheckpointReader(path) as reader:
+        info = detect_format(path, reader)
+        if info.format == MODELOPT:
+            linears = mo.linear_schemes(reader)
+        elif info.format == COMPRESSED_TENSORS:
+            linears = ct.linear_schemes(reader)
+        else:
+            linears = {}
+        by_dtype: dict[str, int] = {}
+        for n in reader.names():
+            by_dtype[reader.dtype_str(n)] = by_dtype.get(reader.dtype_str(n), 0) + reader.nbytes(n)
+        return CheckpointSummary(info, linears, len(reader.names()), len(reader.files),
+                                 sum(reader.file_bytes().values()), by_dtype)
+
+
 # ============================================================================= loading
 
 
