@@ -296,3 +296,46 @@ def test_bf16_is_plain_linear_and_bad_shapes_are_named():
                          LinearPrecision("nvfp4", rht_size=8)).sum().backward()
     with pytest.raises(ValueError, match="NaN"):
         quantized_linear(torch.full((4, 32), float("nan")), torch.randn(16, 32), None, LinearPrecision("nvfp4"))
+
+
+def test_operand_values_equal_block_values_and_backends_agree():
+    from nvfp4kit.formats.nvfp4 import block_values
+    from nvfp4kit.formats.qlinear import operand_values
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(37, 96, generator=g) * 3
+    for block in ((1, 16), (16, 16)):
+        q = quantize_parts(x, block=block)
+        assert torch.equal(operand_values(q), block_values(q))
+    # the linear's numbers do not depend on the quantization backend
+    w = torch.randn(32, 96, generator=g)
+    p = LinearPrecision("nvfp4", stochastic_rounding=False)
+    import nvfp4kit.formats.qlinear as ql
+
+    y_fast = quantized_linear(x, w, None, p)
+    ql._backend_for.cache_clear()
+    orig = ql.backend_available
+    try:
+        ql.backend_available = lambda name, device="cpu": (False, "off for this test")
+        y_ref = quantized_linear(x, w, None, p)
+        assert ql._backend_for("cpu") == "auto"
+    finally:
+        ql.backend_available = orig
+        ql._backend_for.cache_clear()
+    assert torch.equal(y_fast, y_ref)
+
+
+def test_wgrad_rht_equals_the_format_core_rht():
+    from nvfp4kit.formats.hadamard import rht
+    from nvfp4kit.formats.qlinear import wgrad_operands
+
+    g = torch.Generator().manual_seed(8)
+    dy, x = torch.randn(40, 32, generator=g), torch.randn(40, 48, generator=g).bfloat16()
+    p = LinearPrecision("nvfp4", stochastic_rounding=False)
+    q_dy, q_x = wgrad_operands(dy, x, p)
+    pad = lambda t: torch.cat([t.float(), torch.zeros(8, t.shape[1])]).t()  # noqa: E731
+    for q, t in ((q_dy, dy), (q_x, x)):
+        ref = quantize_parts(rht(pad(t), dim=-1))
+        assert torch.equal(q.packed, ref.packed) and torch.equal(q.block_scale.view(torch.uint8),
+                                                                 ref.block_scale.view(torch.uint8))
+        assert torch.equal(q.global_decode_scale, ref.global_decode_scale)

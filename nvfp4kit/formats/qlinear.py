@@ -30,12 +30,13 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..kernels.dispatch import quantize_parts
-from .gemm import nvfp4_gemm
-from .hadamard import DEFAULT_RHT_SIGN, RHT_SIZE, rht
+from ..kernels.dispatch import backend_available
+from ..kernels.dispatch import quantize_parts as dispatch_quantize_parts
+from .e2m1 import e2m1_value_table
+from .hadamard import DEFAULT_RHT_SIGN, RHT_SIZE, rht_matrix
 from .linear import LinearPrecision
 from .mx import MX_BLOCK_SIZE, mx_dequantize, mx_quantize
-from .nvfp4 import BLOCK_1D, BLOCK_2D, BLOCK_SIZE, NVFP4Parts, transpose_2d_parts
+from .nvfp4 import BLOCK_1D, BLOCK_2D, BLOCK_SIZE, NVFP4Parts
 from .scales import E4M3_MAX, e4m3_rtne
 
 _AMAX_GROUP = None
@@ -108,33 +109,82 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------- NVFP4 recipe
 
 
+@lru_cache(maxsize=None)
+def _backend_for(device_type: str) -> str:
+    """The fused CPU kernel for every CPU operand when it builds here (the dispatch's ``auto``
+    keeps the reference for small tensors, and a linear's operands are often small: its fixed
+    cost is what matters); ``auto`` otherwise. All backends give identical parts."""
+    if device_type == "cpu" and backend_available("compiled", "cpu")[0]:
+        return "compiled"
+    return "auto"
+
+
+def quantize_parts(t: torch.Tensor, block=BLOCK_1D, rounding="nearest", global_amax=None, scale_rule="max",
+                   name="input") -> NVFP4Parts:
+    return dispatch_quantize_parts(t, block=block, rounding=rounding, global_amax=global_amax,
+                                   scale_rule=scale_rule, backend=_backend_for(t.device.type), name=name)
+
+
 def _q(t: torch.Tensor, block=BLOCK_1D, rounding="nearest", scale_rule="max", name="input") -> NVFP4Parts:
-    return quantize_parts(
-        t, block=block, rounding=rounding, global_amax=_global_amax(t) if _AMAX_REDUCE else None,
-        scale_rule=scale_rule, backend="auto", name=name,
-    )
+    return quantize_parts(t, block=block, rounding=rounding, scale_rule=scale_rule, name=name,
+                          global_amax=_global_amax(t) if _AMAX_REDUCE else None)
 
 
 def quantize_weight(weight: torch.Tensor, precision: LinearPrecision) -> NVFP4Parts:
     """The fprop weight operand: 16x16 blocks (or 1x16), Four Over Six scales if switched on."""
-    return quantize_parts(
-        weight, block=BLOCK_2D if precision.weight_2d else BLOCK_1D, rounding="nearest",
-        scale_rule="4over6" if precision.four_over_six else "max", backend="auto", name="weight",
-    )
+    return quantize_parts(weight.detach(), block=BLOCK_2D if precision.weight_2d else BLOCK_1D,
+                          scale_rule="4over6" if precision.four_over_six else "max", name="weight")
+
+
+@lru_cache(maxsize=None)
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: the E2M1 values of a packed byte's low and high nibble."""
+    vals = e2m1_value_table(torch.float32, device)
+    b = torch.arange(256, device=device)
+    return torch.stack([vals[b & 0xF], vals[b >> 4]], dim=1).contiguous()
+
+
+def operand_values(parts: NVFP4Parts) -> torch.Tensor:
+    """E2M1 values times fp32 block scales, ``[..., K]`` float32 (no global scale; exact)."""
+    packed = parts.packed
+    K = packed.shape[-1] * 2
+    vals = F.embedding(packed.long(), _byte_table(packed.device))  # [..., K/2, 2]
+    vals = vals.view(*packed.shape[:-1], K // BLOCK_SIZE, BLOCK_SIZE)
+    return (vals * parts.block_scale.float().unsqueeze(-1)).view(*packed.shape[:-1], K)
+
+
+def _alpha(a: NVFP4Parts, b: NVFP4Parts) -> torch.Tensor:
+    return a.global_decode_scale.float() * b.global_decode_scale.float()
+
+
+def nvfp4_gemm(a: NVFP4Parts, b: NVFP4Parts, b_values: torch.Tensor | None = None) -> torch.Tensor:
+    """``a [M, K] @ b [N, K]^T`` of two NVFP4 operands in float32 (what ``formats.gemm`` computes)."""
+    bv = operand_values(b) if b_values is None else b_values
+    return torch.mm(operand_values(a), bv.t()).mul_(_alpha(a, b))
+
+
+@lru_cache(maxsize=None)
+def _rht_matrix(sign: tuple[int, ...], size: int, device: torch.device) -> torch.Tensor:
+    return rht_matrix(sign, size, torch.float32, device)
 
 
 def wgrad_operands(dy: torch.Tensor, x: torch.Tensor, precision: LinearPrecision) -> tuple[NVFP4Parts, NVFP4Parts]:
-    """Quantized ``dy^T`` ``[N, T_pad]`` and ``x^T`` ``[K, T_pad]`` of the wgrad GEMM (blocks along tokens)."""
+    """Quantized ``dy^T`` ``[N, T_pad]`` and ``x^T`` ``[K, T_pad]`` of the wgrad GEMM (blocks along tokens).
+
+    The RHT is :func:`nvfp4kit.formats.hadamard.rht` along the token dim, computed as one
+    ``[rows * T / size, size] @ H`` product on the transposed operand (the same float32 numbers)."""
     multiple = BLOCK_SIZE
     if precision.rht:
         _check_rht_size(precision.rht_size)
         multiple = max(multiple, precision.rht_size)
-    dy_t = _pad_rows(dy, multiple).t()
-    x_t = _pad_rows(x, multiple).t()
+    dy_t = _pad_rows(dy, multiple).t().float().contiguous()
+    x_t = _pad_rows(x, multiple).t().float().contiguous()
     if precision.rht:
-        sign = precision.rht_sign if precision.rht_sign is not None else default_rht_sign(precision.rht_size)
-        dy_t = rht(dy_t.float(), dim=-1, sign=sign, size=precision.rht_size)
-        x_t = rht(x_t.float(), dim=-1, sign=sign, size=precision.rht_size)
+        size = precision.rht_size
+        sign = precision.rht_sign if precision.rht_sign is not None else default_rht_sign(size)
+        H = _rht_matrix(tuple(sign), size, dy.device)
+        dy_t = torch.mm(dy_t.view(-1, size), H).view(dy_t.shape)
+        x_t = torch.mm(x_t.view(-1, size), H).view(x_t.shape)
     sr = "stochastic" if precision.stochastic_rounding else "nearest"
     q_dy = _q(dy_t, rounding=sr, name="grad_output^T")
     q_x = _q(x_t, name="input^T")
@@ -149,7 +199,8 @@ class NVFP4RecipeLinear(torch.autograd.Function):
         with _no_autocast(x.device.type):
             q_x = _q(x, name="input")
             q_w = quantize_weight(weight, precision)
-            y = nvfp4_gemm(q_x, q_w)
+            w_vals = operand_values(q_w)
+            y = nvfp4_gemm(q_x, q_w, w_vals)
             if bias is not None:
                 y = y + bias.float()
         ctx.precision = precision
@@ -157,7 +208,8 @@ class NVFP4RecipeLinear(torch.autograd.Function):
         ctx.w_dtype = weight.dtype
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
-        ctx.q_w = q_w if precision.weight_2d else None
+        # dgrad reuses the 2D-quantized W: its 16x16 tiles serve W^T unchanged
+        ctx.w_dgrad = (w_vals, q_w.global_decode_scale) if precision.weight_2d else None
         return y.to(out_dtype)
 
     @staticmethod
@@ -171,16 +223,18 @@ class NVFP4RecipeLinear(torch.autograd.Function):
             if need_x:
                 q_dy = _q(dy, rounding=sr, name="grad_output")
                 if p.weight_2d:
-                    q_wt = transpose_2d_parts(ctx.q_w)  # the fprop W, transposed exactly: [K, N]
-                else:
-                    q_wt = quantize_parts(weight.t(), block=BLOCK_1D, backend="auto", name="weight^T")
-                dx = nvfp4_gemm(q_dy, q_wt).to(ctx.x_dtype)
+                    w_vals, w_decode = ctx.w_dgrad
+                    dx = torch.mm(operand_values(q_dy), w_vals).mul_(q_dy.global_decode_scale.float() * w_decode.float())
+                else:  # 1x16 weights: W^T re-quantized with its blocks along N
+                    q_wt = quantize_parts(weight.detach().t(), block=BLOCK_1D, name="weight^T")
+                    dx = nvfp4_gemm(q_dy, q_wt)
+                dx = dx.to(ctx.x_dtype)
             if need_w:
                 q_dy_t, q_x_t = wgrad_operands(dy, x, p)
                 dw = nvfp4_gemm(q_dy_t, q_x_t).to(ctx.w_dtype)
             if need_b and ctx.has_bias:
                 db = dy.float().sum(0)
-        ctx.q_w = None
+        ctx.w_dgrad = None
         return dx, dw, db, None, None
 
 
