@@ -231,3 +231,38 @@ def test_evaluation_emulation_reproduces_the_trained_forward():
         x = torch.randn(3, 32, generator=torch.Generator().manual_seed(10))
         emu = emulation.EmulatedLinear(fq.to_record())
         assert torch.equal(emu(x), fq(x))
+
+
+def test_fused_siblings_quantize_a_shared_input_once_and_exactly():
+    parent = nn.Module()
+    for name in ("gate_proj", "up_proj"):
+        setattr(parent, name, _linear(32, 32, False, len(name)))
+    mods = prepare_qat(parent, "nvfp4", quantize_input=True, exclude=())
+    for m in mods.values():
+        m.input_amax.fill_(2.0)
+    calls = []
+    import nvfp4kit.calibrate.qat as qat
+
+    real = qat.nvfp4_fake_quant
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    qat.nvfp4_fake_quant = counting
+    try:
+        x = torch.randn(4, 32)
+        ya, yb = parent.gate_proj(x), parent.up_proj(x)
+        assert len(calls) == 1  # the second sibling reused the first one's quantized input
+        x.mul_(2)  # modified in place: must be quantized again
+        yc = parent.up_proj(x)
+        assert len(calls) == 2
+        parent.gate_proj(x.clone())
+        assert len(calls) == 3
+    finally:
+        qat.nvfp4_fake_quant = real
+    xq = nvfp4kit.quantize(x / 2, global_amax=torch.tensor(2.0)).dequantize()
+    assert torch.equal(ya, F.linear(xq, mods["gate_proj"].quantized_weight_value()))
+    assert torch.equal(yb, F.linear(xq, mods["up_proj"].quantized_weight_value()))
+    xq2 = nvfp4kit.quantize(x, global_amax=torch.tensor(2.0)).dequantize()
+    assert torch.equal(yc, F.linear(xq2, mods["up_proj"].quantized_weight_value()))

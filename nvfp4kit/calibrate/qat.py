@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -187,12 +188,15 @@ class FakeQuantLinear(nn.Module):
         )
         # the fused group this module belongs to (itself alone by default); not a submodule
         object.__setattr__(self, "_group", (self,))
+        object.__setattr__(self, "_input_cache", [None])  # shared by the fused group
         self._cache = None
+        self._amax_cache = None
 
     # -------------------------------------------------------------- configuration
 
     def set_group(self, group: tuple["FakeQuantLinear", ...]) -> None:
         object.__setattr__(self, "_group", tuple(group))
+        object.__setattr__(self, "_input_cache", group[0]._input_cache if group else [None])
         self._cache = None
 
     @property
@@ -214,7 +218,13 @@ class FakeQuantLinear(nn.Module):
         """The weight amax the quantizer uses: fixed, or the max over the fused group's current weights."""
         if self.weight_amax_mode == "fixed":
             return self.fixed_weight_amax
-        return torch.stack([_amax_of(m.weight) for m in self._group]).amax()
+        return torch.stack([m._own_weight_amax() for m in self._group]).amax()
+
+    def _own_weight_amax(self) -> torch.Tensor:
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._amax_cache is None or self._amax_cache[0] != key:
+            self._amax_cache = (key, _amax_of(self.weight))
+        return self._amax_cache[1]
 
     def weight_parts(self) -> NVFP4Parts:
         """NVFP4 parts of the current weight, exactly as forward quantizes it."""
@@ -250,9 +260,21 @@ class FakeQuantLinear(nn.Module):
                 f"{self.name or 'FakeQuantLinear'}: no calibrated input amax; run calibrate_input_amax(...) or "
                 "initialise from a PTQ result (or use quantize_input=False for weight-only)"
             )
+        # fused siblings (q/k/v, gate/up) read the same input tensor: quantize it once. The cache keeps a
+        # weak reference to the input, so a hit means the very same, live, unmodified tensor object.
+        amax = float(self.input_amax)
+        cached = self._input_cache[0]
+        if cached is not None and cached[0]() is x and cached[1] == (x._version, self.format, amax):
+            return cached[2]
         if self.format == "nvfp4":
-            return nvfp4_fake_quant(x, self.input_amax, BLOCK_1D, "max", self.backend, f"{self.name}.input")
-        return fp8_fake_quant(x, self.input_amax)
+            value = nvfp4_fake_quant(x, self.input_amax, BLOCK_1D, "max", self.backend, f"{self.name}.input")
+        else:
+            value = fp8_fake_quant(x, self.input_amax)
+        self._input_cache[0] = (weakref.ref(x), (x._version, self.format, amax), value) if len(self._group) > 1 else None
+        return value
+
+    def clear_input_cache(self) -> None:
+        self._input_cache[0] = None
 
     # -------------------------------------------------------------- forward
 
