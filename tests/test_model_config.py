@@ -143,7 +143,7 @@ def test_published_sizes():
 
 def test_checkpoint_tensor_list():
     names = checkpoint_tensors(get_preset("micro"))
-    assert names["backbone.layers.0.mixer.in_proj.weight"][0] == (2 * 256 + 2 * 2 * 32 + 8, 128)
+    assert names["backbone.layers.0.mixer.in_proj.weight"][0] == (2 * 256 + 2 * 2 * 32 + 16, 128)
     assert names["backbone.layers.0.mixer.conv1d.weight"][0] == (256 + 2 * 2 * 32, 1, 4)
     assert names["backbone.layers.2.mixer.gate.e_score_correction_bias"] == ((16,), torch.float32)
     assert names["backbone.layers.2.mixer.experts.15.down_proj.weight"] == ((64, 128), torch.bfloat16)

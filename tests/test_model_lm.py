@@ -208,3 +208,21 @@ def test_overfits_real_text_and_drafts_get_accepted():
     spec, stats = m.speculative_generate(prompt, 48, num_draft=2)
     assert torch.equal(spec, ref)
     assert stats.acceptance > 0.3, stats
+
+
+def test_bfloat16_model_runs_and_tracks_fp32():
+    m32 = build_model("micro", seed=4).eval()
+    mb = build_model("micro", seed=4, dtype=torch.bfloat16).eval()
+    mb.load_state_dict(m32.state_dict())
+    assert mb.backbone.layers[2].mixer.gate.e_score_correction_bias.dtype == torch.float32
+    ids = torch.randint(0, m32.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        a = m32(ids).logits
+        b = mb(ids).logits
+        cache = mb.new_cache(2)
+        assert cache.layers[0].ssm_state.dtype == torch.float32  # SSM state stays fp32
+        inc = torch.cat([mb(ids[:, :30], cache=cache).logits] + [mb(ids[:, t:t + 1], cache=cache).logits
+                                                                  for t in range(30, 40)], 1)
+    assert b.dtype == torch.bfloat16
+    assert ((b.float() - a).norm() / a.norm()) < 0.03
+    assert ((inc.float() - b.float()).norm() / b.float().norm()) < 0.03

@@ -17,20 +17,17 @@ _BLOCKED_FORMATS = {"nvfp4": 16, "mxfp8": 32}
 
 
 def check_precision_fits(name: str, in_features: int, out_features: int, precision: LinearPrecision) -> None:
-    """Raise a ValueError naming the module when its shape cannot be stored in ``precision``."""
+    """Raise a ValueError naming the module when its shape cannot be stored in ``precision``
+    (NVFP4: both dims multiples of 16; MXFP8: of 32)."""
     block = _BLOCKED_FORMATS.get(precision.format)
     if block is None:
         return
-    if in_features % block:
-        raise ValueError(
-            f"{name or 'Linear'}: in_features={in_features} is not a multiple of {block}, "
-            f"required by {precision.format} block scales"
-        )
-    if precision.format == "nvfp4" and precision.weight_2d and out_features % 16:
-        raise ValueError(
-            f"{name or 'Linear'}: out_features={out_features} is not a multiple of 16, "
-            f"required by 16x16 nvfp4 weight blocks"
-        )
+    for what, n in (("in_features", in_features), ("out_features", out_features)):
+        if n % block:
+            raise ValueError(
+                f"{name or 'Linear'}: {what}={n} is not a multiple of {block}, required by "
+                f"{precision.format} block scales (keep this module in bf16)"
+            )
 
 
 class Linear(torch.nn.Linear):

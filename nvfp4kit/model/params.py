@@ -36,24 +36,31 @@ def count_parameters(model_or_config) -> ParamCounts:
     else:
         model = model_or_config
     by_block: dict[str, int] = {}
-    total = inactive = 0
-    seen = set()
+
+    def numel(mod) -> int:
+        return sum(p.numel() for p in mod.parameters())
 
     def add(key, n):
         by_block[key] = by_block.get(key, 0) + n
 
-    for name, p in list(model.backbone.named_parameters(prefix="backbone")) + list(
-            model.lm_head.named_parameters(prefix="lm_head")):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        part = model.layer_of(name)
-        add(part[2] or ("embeddings" if "embeddings" in name else "head" if "lm_head" in name else "norm_f"),
-            p.numel())
+    add("embeddings", model.backbone.embeddings.weight.numel())
+    inactive = 0
     for blk in model.backbone.layers:
         if blk.block_type == "moe":
-            inactive += _moe_inactive(blk.mixer)
+            # experts are identical in shape: count one, not tens of thousands of modules
+            mixer = blk.mixer
+            n = (numel(blk.norm) + numel(mixer.gate) + numel(mixer.shared_experts)
+                 + numel(mixer.experts[0]) * len(mixer.experts))
+            if mixer.latent:
+                n += numel(mixer.fc1_latent_proj) + numel(mixer.fc2_latent_proj)
+            add("moe", n)
+            inactive += _moe_inactive(mixer)
+        else:
+            add(blk.block_type, numel(blk))
+    add("norm_f", model.backbone.norm_f.weight.numel())
+    if model.lm_head.weight is not model.backbone.embeddings.weight:
+        add("head", model.lm_head.weight.numel())
+    total = sum(by_block.values())
     mtp_total = mtp_inactive = 0
     if model.mtp is not None:
         mtp_total = sum(p.numel() for p in model.mtp.parameters())

@@ -1,4 +1,7 @@
-"""Named configurations: the released Nemotron 3 sizes and small ones for CPU work."""
+"""Named configurations: the released Nemotron 3 sizes and small ones for CPU work.
+
+The small presets keep every Linear dimension a multiple of 16 (NVFP4 blocks), like the released ones.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ PRESETS: dict[str, dict] = {
     # every block type, LatentMoE and MTP, ~1.6M parameters: unit tests
     "micro": dict(
         vocab_size=512, hidden_size=128, hybrid_override_pattern="M*EM-E", num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, intermediate_size=256, mamba_num_heads=8, mamba_head_dim=32,
+        num_key_value_heads=2, head_dim=32, intermediate_size=256, mamba_num_heads=16, mamba_head_dim=16,
         n_groups=2, ssm_state_size=32, conv_kernel=4, chunk_size=32, n_routed_experts=16,
         num_experts_per_tok=4, moe_intermediate_size=128, moe_latent_size=64,
         moe_shared_expert_intermediate_size=256, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
@@ -39,7 +42,7 @@ PRESETS: dict[str, dict] = {
     # every block type, LatentMoE and MTP, ~10M parameters: CPU training and benchmarks
     "tiny": dict(
         vocab_size=4096, hidden_size=256, hybrid_override_pattern="M*EM-E", num_attention_heads=8,
-        num_key_value_heads=2, head_dim=32, intermediate_size=512, mamba_num_heads=8, mamba_head_dim=64,
+        num_key_value_heads=2, head_dim=32, intermediate_size=512, mamba_num_heads=16, mamba_head_dim=32,
         n_groups=2, ssm_state_size=64, conv_kernel=4, chunk_size=64, n_routed_experts=32,
         num_experts_per_tok=4, moe_intermediate_size=256, moe_latent_size=128,
         moe_shared_expert_intermediate_size=512, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
