@@ -223,8 +223,10 @@ def tensors(draw):
     block=st.sampled_from([BLOCK_1D, BLOCK_2D]),
     amax=st.one_of(st.none(), st.floats(0, 1e6), st.sampled_from([0.0, 1e-30, 2688.0])),
     split=st.booleans(),
+    seed=st.one_of(st.none(), st.integers(0, 2**31 - 1)),
 )
-def test_matches_reference(x, block, amax, split):
+def test_matches_reference(x, block, amax, split, seed):
+    """Nearest rounding, or stochastic rounding from a seeded generator when ``seed`` is drawn."""
     if block == BLOCK_2D and x.ndim < 2:
         x = x.reshape(1, -1)
     old = cpu.PARALLEL_MIN_BLOCKS
@@ -233,7 +235,13 @@ def test_matches_reference(x, block, amax, split):
         if split:  # exercise the split into per-thread ranges on small tensors
             cpu.PARALLEL_MIN_BLOCKS = 1
             torch.set_num_threads(2)
-        both(x, block, global_amax=amax)
+        if seed is None:
+            both(x, block, global_amax=amax)
+        else:
+            got = cpu.quantize_parts(x, block=block, rounding="stochastic", global_amax=amax,
+                                     generator=torch.Generator().manual_seed(seed))
+            want = reference(x, block, "stochastic", torch.Generator().manual_seed(seed), amax)
+            assert_same_parts(got, want)
     finally:
         cpu.PARALLEL_MIN_BLOCKS = old
         torch.set_num_threads(threads)
@@ -304,13 +312,50 @@ def test_bad_rounding_and_scale_rule_errors_match_the_reference():
         assert _error_of(lambda: cpu.quantize_parts(x, **kw)) == want
 
 
-def test_stochastic_and_four_over_six_delegate_to_the_reference():
+def test_four_over_six_delegates_to_the_reference():
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(5))
-    got = cpu.quantize_parts(x, rounding="stochastic", generator=torch.Generator().manual_seed(9))
-    want = reference(x, BLOCK_1D, "stochastic", torch.Generator().manual_seed(9))
-    assert_same_parts(got, want)
     both(x, scale_rule="4over6")
     both(x, BLOCK_2D, scale_rule="4over6")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [BLOCK_1D, BLOCK_2D])
+def test_stochastic_rounding_matches_the_reference(dtype, block, threads):
+    for seed, shape in [(0, (40, 64)), (1, (3, 17, 32)), (2, (256, 512))]:
+        g = torch.Generator().manual_seed(100 + seed)
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 ** (seed * 5 - 5)).to(dtype)
+        got = cpu.quantize_parts(x, block=block, rounding="stochastic", generator=torch.Generator().manual_seed(seed))
+        want = reference(x, block, "stochastic", torch.Generator().manual_seed(seed))
+        assert_same_parts(got, want)
+
+
+def test_stochastic_rounding_on_grid_points_and_edges(threads):
+    # values on the grid, on decision points, beyond 6 after scaling (global amax too small)
+    grid = torch.tensor([0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, -0.0])
+    x = torch.cat([grid * 2.0**k for k in range(-3, 4)]).reshape(-1, 16)
+    x = torch.cat([x, -x])
+    for amax in (None, 6.0, 2688.0 * 8, 1.0):
+        got = cpu.quantize_parts(x, rounding="stochastic", generator=torch.Generator().manual_seed(7),
+                                 global_amax=amax)
+        want = reference(x, BLOCK_1D, "stochastic", torch.Generator().manual_seed(7), amax)
+        assert_same_parts(got, want)
+
+
+def test_stochastic_rounding_with_the_default_generator():
+    x = torch.randn(64, 128)
+    torch.manual_seed(1234)
+    got = cpu.quantize_parts(x, rounding="stochastic")
+    torch.manual_seed(1234)
+    want = reference(x, BLOCK_1D, "stochastic")
+    assert_same_parts(got, want)
+
+
+def test_stochastic_rounding_consumes_the_generator_like_the_reference():
+    x = torch.randn(32, 64)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    cpu.quantize_parts(x, rounding="stochastic", generator=g1)
+    reference(x, BLOCK_1D, "stochastic", g2)
+    assert torch.equal(torch.rand(8, generator=g1), torch.rand(8, generator=g2))
 
 
 def test_empty_tensor():

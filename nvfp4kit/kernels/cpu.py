@@ -22,12 +22,14 @@ the parts bit for bit against the reference over random and adversarial inputs.
 
 What runs where:
 
-* ``rounding="nearest"``, ``scale_rule="max"``, float32 / bfloat16 input: the kernel reads the
-  input directly; float16 and float64 input is first cast to float32 in torch, as the reference
-  does (float64 also gets the reference's "beyond the float32 range" check).
-* ``rounding="stochastic"``, ``scale_rule="4over6"``, empty tensors, other float dtypes, tensor
-  subclasses and calls made while ``torch.compile`` traces: delegated to the reference (same
-  result by definition).
+* ``scale_rule="max"`` with ``rounding="nearest"`` or ``"stochastic"``, float32 / bfloat16 input:
+  the kernel reads the input directly; float16 and float64 input is first cast to float32 in
+  torch, as the reference does (float64 also gets the reference's "beyond the float32 range"
+  check). Stochastic rounding takes the reference's single ``torch.rand`` draw over the blocked
+  shape ``[..., K/16, 16]`` from the same generator, so a seeded generator gives the same codes.
+* ``scale_rule="4over6"`` (its per-block error sums would have to follow torch's reduction
+  order), empty tensors, other float dtypes, tensor subclasses other than ``nn.Parameter`` and
+  calls made while ``torch.compile`` traces: delegated to the reference (same result by definition).
 * 16x16 blocks: the tile amax is the max of the 16 rows' block amaxes (a small torch op on the
   ``[..., M, K/16]`` block amax), then the same encode pass.
 
@@ -87,8 +89,9 @@ _C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-/* Exactness rules for this file: only single float32 multiplications and comparisons, no
-   division, no fused multiply-add (built with -ffp-contract=off), no fast-math. */
+/* Exactness rules for this file: single IEEE float32 operations whose results equal the
+   reference's (no division; sums only of small dyadic values, which are exact), no fused
+   multiply-add (built with -ffp-contract=off), no fast-math. */
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -144,7 +147,28 @@ static inline uint32_t e2m1_code(uint32_t bits, float enc) {
     return m | ((bits >> 31) << 3);
 }
 
-#define NVFP4_ENCODE(LOAD)                                                            \
+/* Stochastic rounding, the reference's steps: a = min(|v|, 6); lower = the largest grid value
+   <= a (index lo); frac = (a - lower) / gap; round up when the uniform draw u < frac. Every step
+   is exact: a - lower by Sterbenz' lemma, and the gaps (0.5, 1, 2) are powers of two, so dividing
+   and multiplying by the reciprocal give the same float. Branch-free so that it vectorizes. */
+static inline uint32_t e2m1_code_sr(uint32_t bits, float enc, float u) {
+    float a = u2f(bits & 0x7FFFFFFFu) * enc;
+    a = a < 6.0f ? a : 6.0f;
+    uint32_t lo = (uint32_t)(a >= 0.5f) + (uint32_t)(a >= 1.0f) + (uint32_t)(a >= 1.5f)
+                + (uint32_t)(a >= 2.0f) + (uint32_t)(a >= 3.0f) + (uint32_t)(a >= 4.0f)
+                + (uint32_t)(a >= 6.0f);
+    float lower = (a >= 0.5f ? 0.5f : 0.0f) + (a >= 1.0f ? 0.5f : 0.0f) + (a >= 1.5f ? 0.5f : 0.0f)
+                + (a >= 2.0f ? 0.5f : 0.0f) + (a >= 3.0f ? 1.0f : 0.0f) + (a >= 4.0f ? 1.0f : 0.0f)
+                + (a >= 6.0f ? 2.0f : 0.0f);
+    float inv_gap = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : (a < 6.0f ? 0.5f : 0.0f));
+    float frac = (a - lower) * inv_gap;   /* 0 at a == 6: no grid value above */
+    return (lo + (uint32_t)(u < frac)) | ((bits >> 31) << 3);
+}
+
+#define CODE_NEAREST(bits, enc, i) e2m1_code(bits, enc)
+#define CODE_STOCHASTIC(bits, enc, i) e2m1_code_sr(bits, enc, uniform[i])
+
+#define NVFP4_ENCODE(LOAD, CODE)                                                      \
     for (int64_t b = 0; b < nb; b++) {                                                \
         float v = block_amax[b] * factor;                                             \
         v = v < 448.0f ? v : 448.0f;                                                  \
@@ -152,7 +176,7 @@ static inline uint32_t e2m1_code(uint32_t bits, float enc) {
         scale[b] = (uint8_t)s;                                                        \
         float enc = enc_table[s];                                                     \
         uint32_t c[16];                                                               \
-        for (int j = 0; j < 16; j++) c[j] = e2m1_code(LOAD(b * 16 + j), enc);         \
+        for (int j = 0; j < 16; j++) c[j] = CODE(LOAD(b * 16 + j), enc, b * 16 + j);  \
         /* two codes a byte, element 2k in the low nibble */                          \
         for (int k = 0; k < 8; k++) packed[b * 8 + k] = (uint8_t)(c[2 * k] | (c[2 * k + 1] << 4)); \
     }
@@ -163,12 +187,23 @@ static inline uint32_t e2m1_code(uint32_t bits, float enc) {
 /* Pass 2: block scales and packed codes of nb blocks. */
 void nvfp4_encode_f32(const uint32_t *x, const float *block_amax, int64_t nb, float factor,
                       const float *enc_table, uint8_t *packed, uint8_t *scale) {
-    NVFP4_ENCODE(LOAD_F32)
+    NVFP4_ENCODE(LOAD_F32, CODE_NEAREST)
 }
 
 void nvfp4_encode_bf16(const uint16_t *x, const float *block_amax, int64_t nb, float factor,
                        const float *enc_table, uint8_t *packed, uint8_t *scale) {
-    NVFP4_ENCODE(LOAD_BF16)
+    NVFP4_ENCODE(LOAD_BF16, CODE_NEAREST)
+}
+
+/* The same with stochastic rounding, one uniform draw per element. */
+void nvfp4_encode_sr_f32(const uint32_t *x, const float *block_amax, int64_t nb, float factor,
+                         const float *enc_table, uint8_t *packed, uint8_t *scale, const float *uniform) {
+    NVFP4_ENCODE(LOAD_F32, CODE_STOCHASTIC)
+}
+
+void nvfp4_encode_sr_bf16(const uint16_t *x, const float *block_amax, int64_t nb, float factor,
+                          const float *enc_table, uint8_t *packed, uint8_t *scale, const float *uniform) {
+    NVFP4_ENCODE(LOAD_BF16, CODE_STOCHASTIC)
 }
 
 /* The E4M3 rounding alone, for values in [0, 448] (lets tests compare it with torch's cast). */
@@ -177,8 +212,10 @@ void nvfp4_e4m3_rtne_f32(const float *v, int64_t n, uint8_t *out) {
 }
 """
 
-# Strict IEEE float semantics; -march=native is tried first and dropped if the compiler refuses it.
-_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
+# IEEE float semantics: no fast-math, no FMA contraction. -fno-trapping-math only declares that no
+# code reads floating-point exception flags, which lets branch-free selects vectorize; it changes
+# no result. -march=native is tried first and dropped if the compiler refuses it.
+_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math"]
 
 _lock = threading.Lock()
 _lib = None
@@ -262,6 +299,10 @@ def _declare(lib) -> None:
     for name in ("nvfp4_encode_f32", "nvfp4_encode_bf16"):
         fn = getattr(lib, name)
         fn.argtypes = [P, P, N, F32, P, P, P]
+        fn.restype = None
+    for name in ("nvfp4_encode_sr_f32", "nvfp4_encode_sr_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [P, P, N, F32, P, P, P, P]
         fn.restype = None
     lib.nvfp4_e4m3_rtne_f32.argtypes = [P, N, P]
     lib.nvfp4_e4m3_rtne_f32.restype = None
@@ -362,7 +403,7 @@ def _check_structure(x, name: str, block) -> None:
 
 def _delegate(x, block, rounding, generator, global_amax, scale_rule) -> bool:
     return (
-        rounding != "nearest"
+        rounding not in ("nearest", "stochastic")
         or scale_rule != "max"
         or type(x) not in (torch.Tensor, torch.nn.Parameter)
         or x.device.type != "cpu"
@@ -384,10 +425,11 @@ def quantize_parts(
 ) -> NVFP4Parts:
     """Quantize ``x`` to NVFP4 parts, bit-identical to the reference ``quantize_parts``.
 
-    Same arguments, checks and errors as :func:`nvfp4kit.formats.nvfp4.quantize_parts`.
-    ``rounding="stochastic"`` and ``scale_rule="4over6"`` are delegated to the reference (so are
-    empty tensors, tensor subclasses and calls during ``torch.compile`` tracing), and so is
-    everything when the kernel could not be built (the reason is logged once).
+    Same arguments, checks and errors as :func:`nvfp4kit.formats.nvfp4.quantize_parts`; stochastic
+    rounding draws the same uniform numbers from ``generator`` as the reference does.
+    ``scale_rule="4over6"`` is delegated to the reference (so are empty tensors, tensor subclasses
+    and calls during ``torch.compile`` tracing), and so is everything when the kernel could not be
+    built (the reason is logged once).
     """
     block = tuple(block)
     _check_structure(x, name, block)
@@ -409,10 +451,13 @@ def quantize_parts(
     shape = x.shape
     K = shape[-1]
     nb = x.numel() // BLOCK_SIZE
+    sr = rounding == "stochastic"
     if x.dtype == torch.bfloat16:
-        amax_fn, encode_fn = lib.nvfp4_block_amax_bf16, lib.nvfp4_encode_bf16
+        amax_fn = lib.nvfp4_block_amax_bf16
+        encode_fn = lib.nvfp4_encode_sr_bf16 if sr else lib.nvfp4_encode_bf16
     else:
-        amax_fn, encode_fn = lib.nvfp4_block_amax_f32, lib.nvfp4_encode_f32
+        amax_fn = lib.nvfp4_block_amax_f32
+        encode_fn = lib.nvfp4_encode_sr_f32 if sr else lib.nvfp4_encode_f32
     elem = x.element_size()
     xp = x.data_ptr()
     ranges = _ranges(nb)
@@ -443,8 +488,15 @@ def quantize_parts(
     packed = torch.empty(nb * BLOCK_SIZE // 2, dtype=torch.uint8)
     scale = torch.empty(nb, dtype=torch.uint8)
     pp, sp, tp = packed.data_ptr(), scale.data_ptr(), enc_table.data_ptr()
-    _run(lambda s, e: encode_fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
-                                pp + s * (BLOCK_SIZE // 2), sp + s), ranges)
+    if sr:
+        # the reference's one draw: torch.rand over the blocked shape [..., K/16, 16]
+        uniform = torch.rand((*shape[:-1], K // BLOCK_SIZE, BLOCK_SIZE), generator=generator, dtype=torch.float32)
+        up = uniform.data_ptr()
+        _run(lambda s, e: encode_fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
+                                    pp + s * (BLOCK_SIZE // 2), sp + s, up + 4 * BLOCK_SIZE * s), ranges)
+    else:
+        _run(lambda s, e: encode_fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
+                                    pp + s * (BLOCK_SIZE // 2), sp + s), ranges)
     return NVFP4Parts(
         packed.view(*shape[:-1], K // 2),
         scale.view(torch.float8_e4m3fn).view(*shape[:-1], K // BLOCK_SIZE),
