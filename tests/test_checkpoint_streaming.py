@@ -65,7 +65,8 @@ def make_checkpoint(path, layers=3, shards=3, dtype=torch.bfloat16, seed=0, extr
 def test_streaming_nvfp4_matches_whole_tensor_reference(tmp_path, monkeypatch):
     src = tmp_path / "src"
     tensors = make_checkpoint(src)
-    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 16 * 32)  # several row chunks per tensor
+    monkeypatch.setattr(streaming, "MAX_CHUNK_ELEMENTS", 16 * 32)  # several row chunks per tensor
+    monkeypatch.setattr(streaming, "MIN_CHUNK_ELEMENTS", 16 * 32)
     out = quantize_checkpoint(src, tmp_path / "q", "nvfp4", exclude=["model.layers.0.mlp.*"], backend="torch")
     qm = load_quantized(out)
     info = detect_format(out)

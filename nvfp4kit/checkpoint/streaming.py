@@ -24,10 +24,22 @@ from .quantized import UNQUANTIZED, RecordWriter, detect_format
 from .reader import FLOAT_DTYPES, CheckpointReader
 from .rules import DEFAULT_EXCLUDE, check_exclude_patterns, is_excluded, shared_global_amax_groups
 from .types import QuantizedLinearWeight
+from .writer import parse_size
 
 STREAM_SCHEMES = ("nvfp4", "fp8")
-# elements per quantization chunk (bounds the quantizer's working set to a few MB)
-CHUNK_ELEMENTS = 1 << 18
+# Elements per quantization chunk. The quantizer's float32 temporaries take ~24 bytes per element
+# of a chunk, so chunks of (output shard bytes / 64) elements keep the working set to ~0.4 shard;
+# clamped so tiny shards do not make tiny (slow) chunks and huge ones do not make huge temporaries.
+MIN_CHUNK_ELEMENTS = 1 << 16
+MAX_CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_elements(max_shard_bytes: int) -> int:
+    return int(min(max(max_shard_bytes // 64, MIN_CHUNK_ELEMENTS), MAX_CHUNK_ELEMENTS))
+
+
+def _rows_per_chunk(w: torch.Tensor, chunk: int) -> int:
+    return max(1, chunk // max(1, w.shape[-1]))
 
 
 def plan_linears(reader: CheckpointReader, exclude=(), use_default_exclude: bool = True) -> tuple[list[str], list[str]]:
@@ -60,24 +72,26 @@ def plan_linears(reader: CheckpointReader, exclude=(), use_default_exclude: bool
     return quantize, excluded
 
 
-def _tensor_amax(w: torch.Tensor, where: str) -> torch.Tensor:
+def _tensor_amax(w: torch.Tensor, where: str, chunk: int = MAX_CHUNK_ELEMENTS) -> torch.Tensor:
     amax = torch.zeros((), dtype=torch.float32)
-    rows = max(1, CHUNK_ELEMENTS // max(1, w.shape[-1]))
+    rows = _rows_per_chunk(w, chunk)
     for i in range(0, w.shape[0], rows):
-        chunk = w[i : i + rows].float()
-        if not bool(torch.isfinite(chunk).all()):
+        part = w[i : i + rows].float()
+        if not bool(torch.isfinite(part).all()):
             raise CheckpointError(f"{where} contains NaN or inf values; it cannot be quantized (exclude it)")
-        if chunk.numel():
-            amax = torch.maximum(amax, chunk.abs().amax())
+        if part.numel():
+            amax = torch.maximum(amax, part.abs().amax())
     return amax
 
 
-def quantize_nvfp4_rows(w: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto") -> NVFP4Parts:
+def quantize_nvfp4_rows(
+    w: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto", chunk: int = MAX_CHUNK_ELEMENTS
+) -> NVFP4Parts:
     """NVFP4 (1x16 blocks) of a 2-dim tensor with a given global amax, in row chunks; identical to
     quantizing the whole tensor at once (1x16 blocks never span rows)."""
     from ..kernels.dispatch import quantize_parts
 
-    rows = max(1, CHUNK_ELEMENTS // max(1, w.shape[-1]))
+    rows = _rows_per_chunk(w, chunk)
     packed, scales, g = [], [], None
     for i in range(0, max(w.shape[0], 1), rows):
         p = quantize_parts(w[i : i + rows], global_amax=global_amax, backend=backend)
@@ -93,9 +107,9 @@ def fp8_decode_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, s, torch.ones_like(s)).reshape(())
 
 
-def quantize_fp8_rows(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize_fp8_rows(w: torch.Tensor, scale: torch.Tensor, chunk: int = MAX_CHUNK_ELEMENTS) -> torch.Tensor:
     """E4M3 (RTNE, saturating) of ``w / scale`` in row chunks."""
-    rows = max(1, CHUNK_ELEMENTS // max(1, w.shape[-1]))
+    rows = _rows_per_chunk(w, chunk)
     return torch.cat([e4m3_rtne(w[i : i + rows].float() / scale) for i in range(0, max(w.shape[0], 1), rows)])
 
 
@@ -135,7 +149,8 @@ def quantize_checkpoint(
         # record the patterns that excluded something (defaults that match nothing are noise)
         used = [p for p in patterns if any(is_excluded(m, [p]) for m in excluded)]
         groups = {m: g for g in shared_global_amax_groups(quantize) for m in g}
-        size = max_shard_size or max(max(reader.file_bytes().values()), 1 << 20)
+        size = parse_size(max_shard_size) if max_shard_size else max(max(reader.file_bytes().values()), 1 << 20)
+        chunk = chunk_elements(size)
         targets = set(quantize)
         done: set[str] = set()
         with progress.task(f"quantizing to {scheme}", total=len(quantize)) as task, RecordWriter(
@@ -149,15 +164,16 @@ def quantize_checkpoint(
                         continue
                     members = groups.get(module, [module])
                     weights = {m: reader.get(f"{m}.weight") for m in members}
-                    amax = {m: _tensor_amax(t, reader.where(f"{m}.weight")) for m, t in weights.items()}
+                    amax = {m: _tensor_amax(t, reader.where(f"{m}.weight"), chunk) for m, t in weights.items()}
                     shared = torch.stack(list(amax.values())).amax()
                     for m, t in weights.items():
                         N, K = t.shape
                         if scheme == "nvfp4":
-                            lw = QuantizedLinearWeight("nvfp4", (N, K), nvfp4=quantize_nvfp4_rows(t, shared, backend))
+                            lw = QuantizedLinearWeight("nvfp4", (N, K), nvfp4=quantize_nvfp4_rows(t, shared, backend, chunk))
                         else:
                             s = fp8_decode_scale(shared)
-                            lw = QuantizedLinearWeight("fp8", (N, K), fp8_weight=quantize_fp8_rows(t, s), fp8_weight_scale=s)
+                            lw = QuantizedLinearWeight("fp8", (N, K), fp8_weight=quantize_fp8_rows(t, s, chunk),
+                                                    fp8_weight_scale=s)
                         w.linear(m, lw)
                         done.add(m)
                         task.advance(1, module=m)
