@@ -34,6 +34,18 @@ Converting and streaming (bounded memory, one tensor / module at a time)::
     # weight-only NVFP4 of a bf16 checkpoint, one tensor at a time (peak memory ~ one shard)
     quantize_checkpoint("Model-bf16", "Model-NVFP4", scheme="nvfp4", exclude=["model.layers.0.*"])
 
+Command line: ``nvfp4kit convert SRC --out DIR --to modelopt|compressed-tensors|bf16`` and
+``nvfp4kit convert SRC --out DIR --quantize nvfp4|fp8 [--exclude PAT ...] [--to FORMAT]``.
+
+Lower level, for pipelines that produce records one at a time: :class:`RecordWriter` (``.linear``,
+``.tensor``, ``.kv`` inside a ``with`` block), :func:`iter_records` (one module at a time from a
+:class:`CheckpointReader`), :class:`ShardedWriter` (atomic sharded safetensors).
+
+Scale conventions: ``QuantizedLinearWeight.nvfp4.global_decode_scale`` is amax/2688 (modelopt's
+``weight_scale_2``; compressed-tensors stores its reciprocal); ``input_amax`` is the calibrated
+activation amax (modelopt ``input_scale`` = amax/2688 for NVFP4, amax/448 for FP8). FP8 weights carry
+``fp8_weight_scale`` = amax/448.
+
 Errors are :class:`CheckpointError` (a ``ValueError``) naming the file, tensor or option at fault.
 """
 
