@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "nvfp4kit.cli.demo_cmd",
     "nvfp4kit.cli.convert_cmd",
     "nvfp4kit.cli.qat_cmd",
+    "nvfp4kit.cli.train_cmd",
 )
 
 for _name in COMMAND_MODULES:
