@@ -137,6 +137,50 @@ def throughput_rows(preset: str, batch: int, seq: int, warmup: int, repeats: int
     return rows, n_params, cfg
 
 
+def speculative_rows(preset: str, steps: int, repeats: int):
+    """Train briefly on a real text (bytes of the Python reference manual) so the MTP head has
+    something to predict, then compare greedy decode with MTP self-speculative decode."""
+    from pydoc_data.topics import topics
+
+    from nvfp4kit.model import build_model
+
+    text = "".join(topics[k] for k in sorted(topics))[:20000].encode()
+    data = torch.tensor(list(text))
+    m = build_model(preset, seed=0)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    m.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 257, (8,), generator=g)
+        batch = torch.stack([data[s:s + 256] for s in starts])
+        out = m(batch, labels=batch)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+    train_s = time.perf_counter() - t0
+    m.eval()
+    rows = []
+    new = 96
+    prompts = [data[s:s + 64][None] for s in (1000, 7000, 13000)]
+    t_g = sum(timeit(lambda p=p: m.generate(p, new), 0, repeats) for p in prompts)
+    acc, same = [], True
+    for p in prompts:
+        out, st = m.speculative_generate(p, new, num_draft=m.config.mtp_depths)
+        acc.append(st)
+        same &= torch.equal(out, m.generate(p, new))
+    t_s = sum(timeit(lambda p=p: m.speculative_generate(p, new, num_draft=m.config.mtp_depths), 0, repeats)
+              for p in prompts)
+    drafted = sum(s.drafted for s in acc)
+    accepted = sum(s.accepted for s in acc)
+    tpr = sum(s.accepted + s.rounds for s in acc) / sum(s.rounds for s in acc)
+    rows.append([f"greedy decode ({len(prompts)} prompts x {new} tokens)", f"{len(prompts) * new / t_g:,.0f}", "", ""])
+    rows.append([f"MTP speculative ({m.config.mtp_depths} drafts): acceptance {accepted / drafted:.0%}, "
+                 f"{tpr:.2f} tokens per main forward, output == greedy: {'yes' if same else 'NO'}",
+                 f"{len(prompts) * new / t_s:,.0f}", "", f"{t_g / t_s:.2f}x vs greedy"])
+    return rows, train_s, None
+
+
 INFO_SNIPPET = r"""
 import sys, time
 t = time.perf_counter()
@@ -236,6 +280,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--info-preset", default="nemotron3-super-120b-a12b")
+    p.add_argument("--spec-steps", type=int, default=150, help="training steps before the speculative-decode rows")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -245,6 +290,10 @@ def main(argv=None) -> int:
     title = (f"preset '{args.preset}' ({n_params / 1e6:.1f}M parameters, pattern {cfg.hybrid_override_pattern}, "
              f"MTP {cfg.num_nextn_predict_layers}), batch {args.batch} x {args.seq} tokens, fp32")
     print_table(title, cols, rows)
+    srows, train_s, _ = speculative_rows(args.preset, args.spec_steps, max(1, args.repeats // 2))
+    stitle = (f"decode after {args.spec_steps} training steps (8 x 256 bytes of the Python reference manual, "
+              f"{train_s:.0f} s)")
+    print_table(stitle, cols, srows)
     icols = ["what", "build s", "process wall s", "peak RSS MiB", "total / active params"]
     irows = info_rows(args.info_preset)
     print_table(f"model info --preset {args.info_preset}", icols, irows)
@@ -257,6 +306,10 @@ def main(argv=None) -> int:
             "(loaded from our checkpoint directory); its training step has no MTP loss.",
             "",
             markdown(cols, rows),
+            "",
+            f"Self-speculative decoding, {stitle}; batch 1, greedy:",
+            "",
+            markdown(cols, srows),
             "",
             f"`model info` for `{args.info_preset}`: the model is built on the meta device (no weights), in a fresh "
             "process; peak RSS of that process.",
