@@ -67,7 +67,7 @@ def presets_cmd() -> None:
 
     t = Table(title="model presets")
     for c in ("name", "layers", "hidden", "pattern", "experts (top-k)", "latent", "MTP"):
-        t.add_column(c)
+        t.add_column(c, no_wrap=c == "name")
     for name in PRESETS:
         c = get_preset(name)
         pat = c.hybrid_override_pattern
