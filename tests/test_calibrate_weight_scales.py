@@ -182,3 +182,21 @@ def test_fp8_weight_roundtrip_and_scale():
     assert float(s) == pytest.approx(896 / 448)
     assert q.dtype == torch.float8_e4m3fn
     assert torch.equal(q.float() * s, torch.tensor([[0.0, 1.0, -896.0, 3.5]]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gptq_with_mse_group_scales_beats_max_group_scales(seed):
+    X = _correlated(1024, 128, seed)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(seed))
+    H = X.T @ X
+
+    def out_err(p):
+        return float((X @ (w - dequantize_parts(*_parts_tuple(p))).T).norm())
+
+    e_max = out_err(gptq_weight_parts(w, H, group_scale="max"))
+    e_mse = out_err(gptq_weight_parts(w, H, group_scale="mse"))
+    assert e_mse < e_max
+    # the method "gptq" is GPTQ with mse group scales
+    assert torch.equal(nvfp4_weight_parts(w, "gptq", hessian=H).packed, gptq_weight_parts(w, H, group_scale="mse").packed)
+    with pytest.raises(ValueError, match="group_scale"):
+        gptq_weight_parts(w, H, group_scale="min")

@@ -9,8 +9,9 @@
 * ``gptq``   error feedback (GPTQ) on NVFP4 blocks: columns are quantized left to right; each
              column's rounding error is spread over the not-yet-quantized columns through the
              Cholesky factor of the damped inverse Hessian ``H = X^T X`` of the calibration inputs.
-             A 16-column group's block scales are fixed (max rule on the updated weights) when the
-             group's first column is reached.
+             A 16-column group's block scales are fixed when the group's first column is reached,
+             chosen on the error-updated weights by the ``mse`` search (``gptq_weight_parts`` also
+             offers the plain max rule).
 
 All methods take an optional ``global_amax``: fused groups (q/k/v, gate/up) pass the group's
 shared amax so every member gets the same global scale.
@@ -112,12 +113,35 @@ def _damped_inverse_cholesky(hessian: torch.Tensor, damp: float, dtype: torch.dt
     return torch.linalg.cholesky(Hinv, upper=True)
 
 
+def _mse_block_scale(xb: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor, offsets=MSE_CODE_OFFSETS):
+    """E4M3 scales ``[rows]`` minimising each row's squared error on blocks ``xb`` ``[rows, 16]``."""
+    s_max = nvfp4_block_scale(xb.abs().amax(-1), s_enc)
+    _, best_err = _block_errors(xb, s_max, s_dec)
+    best = s_max
+    base = s_max.view(torch.uint8).to(torch.int16)
+    for d in offsets:
+        if d == 0:
+            continue
+        cand = torch.where(base > 0, (base + d).clamp(1, _E4M3_MAX_CODE), base).to(torch.uint8)
+        cand = cand.view(torch.float8_e4m3fn)
+        _, err = _block_errors(xb, cand, s_dec)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, cand.float(), best.float()).to(torch.float8_e4m3fn)
+    return best
+
+
 def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, damp: float = 0.01,
-                      lazy_block: int = 128, name: str = "weight") -> NVFP4Parts:
+                      lazy_block: int = 128, group_scale: str = "max", name: str = "weight") -> NVFP4Parts:
     """GPTQ on NVFP4 1x16 blocks (see the module docs). ``hessian``: ``[K, K]`` sum of ``x^T x``.
 
+    ``group_scale``: how a 16-column group's block scales are chosen from the (error-updated)
+    weights when the group starts: ``"max"`` (block max maps to 6) or ``"mse"`` (the E4M3
+    candidate with the smallest squared error of the block, as the ``mse`` method does).
     Computes in float64 when ``w`` is float64, else float32.
     """
+    if group_scale not in ("max", "mse"):
+        raise ValueError(f"{name}: gptq group_scale must be 'max' or 'mse', got {group_scale!r}")
     check_quantizable(w, name)
     if w.ndim != 2:
         raise ValueError(f"{name}: gptq needs a 2-D weight, got shape {tuple(w.shape)}")
@@ -144,7 +168,11 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
             col = i1 + i
             if col % BLOCK_SIZE == 0:
                 g = col // BLOCK_SIZE
-                s_b = nvfp4_block_scale(W1[:, i:i + BLOCK_SIZE].abs().amax(-1).float(), s_enc)
+                group = W1[:, i:i + BLOCK_SIZE].float()
+                if group_scale == "mse":
+                    s_b = _mse_block_scale(group, s_enc, s_dec)
+                else:
+                    s_b = nvfp4_block_scale(group.abs().amax(-1), s_enc)
                 scales[:, g] = s_b
                 enc_b = nvfp4_block_encode_scale(s_b, s_dec)
                 deq_b = (s_b.float() * s_dec).to(dtype)
@@ -172,7 +200,7 @@ def nvfp4_weight_parts(w: torch.Tensor, method: str = "max", global_amax=None, h
     if method == "gptq":
         if hessian is None:
             raise ValueError(f"{name}: weight scale 'gptq' needs the calibration Hessian of this layer's inputs")
-        return gptq_weight_parts(w, hessian, global_amax, damp=gptq_damp, name=name)
+        return gptq_weight_parts(w, hessian, global_amax, damp=gptq_damp, group_scale="mse", name=name)
     raise ValueError(f"weight scale method must be one of {', '.join(WEIGHT_SCALE_METHODS)}, got {method!r}")
 
 
