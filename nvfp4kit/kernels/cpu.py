@@ -1,7 +1,8 @@
 """The "compiled" CPU backend: NVFP4 quantization as one small C kernel, bit-identical to the reference.
 
 The reference (:func:`nvfp4kit.formats.nvfp4.quantize_parts`) runs a dozen whole-tensor torch ops
-(and a full NaN/inf scan); this backend reads the input twice and writes the outputs once:
+(and a full NaN/inf scan); this backend reads the input twice (once when a ``global_amax`` is
+given for 1x16 blocks: pass 1 is folded into pass 2) and writes the outputs once:
 
 1. *block amax pass*: per 16 elements, the largest ``|x|``, taken as an unsigned integer max over
    the float bit patterns with the sign bit cleared. For non-negative floats the integer order is
@@ -206,6 +207,35 @@ void nvfp4_encode_sr_bf16(const uint16_t *x, const float *block_amax, int64_t nb
     NVFP4_ENCODE(LOAD_BF16, CODE_STOCHASTIC)
 }
 
+/* One pass for a given tensor amax (1x16 blocks, nearest rounding): the block amax is taken
+   inline; returns the largest |x| bit pattern so that the caller can reject NaN/inf after. */
+#define NVFP4_ENCODE_ONE_PASS(LOAD)                                                   \
+    uint32_t all = 0;                                                                 \
+    for (int64_t b = 0; b < nb; b++) {                                                \
+        uint32_t m = 0;                                                               \
+        for (int j = 0; j < 16; j++) { uint32_t a = LOAD(b * 16 + j) & 0x7FFFFFFFu; m = a > m ? a : m; } \
+        all = m > all ? m : all;                                                      \
+        float v = u2f(m) * factor;                                                    \
+        v = v < 448.0f ? v : 448.0f;           /* also maps NaN/inf (rejected later) to 448 */ \
+        uint32_t s = e4m3_rtne(v);                                                    \
+        scale[b] = (uint8_t)s;                                                        \
+        float enc = enc_table[s];                                                     \
+        uint32_t c[16];                                                               \
+        for (int j = 0; j < 16; j++) c[j] = e2m1_code(LOAD(b * 16 + j), enc);         \
+        for (int k = 0; k < 8; k++) packed[b * 8 + k] = (uint8_t)(c[2 * k] | (c[2 * k + 1] << 4)); \
+    }                                                                                 \
+    return all;
+
+uint32_t nvfp4_encode_one_pass_f32(const uint32_t *x, int64_t nb, float factor, const float *enc_table,
+                                   uint8_t *packed, uint8_t *scale) {
+    NVFP4_ENCODE_ONE_PASS(LOAD_F32)
+}
+
+uint32_t nvfp4_encode_one_pass_bf16(const uint16_t *x, int64_t nb, float factor, const float *enc_table,
+                                    uint8_t *packed, uint8_t *scale) {
+    NVFP4_ENCODE_ONE_PASS(LOAD_BF16)
+}
+
 /* The E4M3 rounding alone, for values in [0, 448] (lets tests compare it with torch's cast). */
 void nvfp4_e4m3_rtne_f32(const float *v, int64_t n, uint8_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)e4m3_rtne(v[i]);
@@ -304,6 +334,10 @@ def _declare(lib) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [P, P, N, F32, P, P, P, P]
         fn.restype = None
+    for name in ("nvfp4_encode_one_pass_f32", "nvfp4_encode_one_pass_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [P, N, F32, P, P, P]
+        fn.restype = ctypes.c_uint32
     lib.nvfp4_e4m3_rtne_f32.argtypes = [P, N, P]
     lib.nvfp4_e4m3_rtne_f32.restype = None
 
@@ -452,51 +486,78 @@ def quantize_parts(
     K = shape[-1]
     nb = x.numel() // BLOCK_SIZE
     sr = rounding == "stochastic"
-    if x.dtype == torch.bfloat16:
-        amax_fn = lib.nvfp4_block_amax_bf16
-        encode_fn = lib.nvfp4_encode_sr_bf16 if sr else lib.nvfp4_encode_bf16
-    else:
-        amax_fn = lib.nvfp4_block_amax_f32
-        encode_fn = lib.nvfp4_encode_sr_f32 if sr else lib.nvfp4_encode_f32
+    bf16 = x.dtype == torch.bfloat16
     elem = x.element_size()
     xp = x.data_ptr()
     ranges = _ranges(nb)
+    packed = torch.empty(nb * BLOCK_SIZE // 2, dtype=torch.uint8)
+    scale = torch.empty(nb, dtype=torch.uint8)
+    pp, sp = packed.data_ptr(), scale.data_ptr()
+
+    if global_amax is not None and block == BLOCK_1D and not sr:
+        # one pass: block amax, scales and codes together
+        try:
+            amax = _as_amax(global_amax, x.device)
+        except ValueError:
+            check_quantizable(x, name, block)  # the reference reports bad data before a bad amax
+            raise
+        s_dec, factor, enc_table = _scales(amax)
+        tp = enc_table.data_ptr()
+        fn = lib.nvfp4_encode_one_pass_bf16 if bf16 else lib.nvfp4_encode_one_pass_f32
+        top = max(_run(lambda s, e: fn(xp + s * BLOCK_SIZE * elem, e - s, factor, tp,
+                                       pp + s * (BLOCK_SIZE // 2), sp + s), ranges))
+        _reject_non_finite(top, x, name, block)
+        return _parts(packed, scale, s_dec, shape, block)
 
     # pass 1: block amax (and the tensor amax / non-finite detection)
+    amax_fn = lib.nvfp4_block_amax_bf16 if bf16 else lib.nvfp4_block_amax_f32
     b_amax = torch.empty(nb, dtype=torch.float32)
     bp = b_amax.data_ptr()
     top = max(_run(lambda s, e: amax_fn(xp + s * BLOCK_SIZE * elem, e - s, bp + 4 * s), ranges))
-    if top >= _FP32_INF_BITS:
-        check_quantizable(x, name, block)  # raises the reference's NaN/inf error
-        raise ValueError(f"{name}: contains NaN or inf values; NVFP4 has no encoding for them")
-
+    _reject_non_finite(top, x, name, block)
     if global_amax is not None:
         amax = _as_amax(global_amax, x.device)
     else:
         amax = torch.tensor(struct.unpack("<f", struct.pack("<I", top))[0], dtype=torch.float32)
-    s_enc = global_encode_scale(amax, NVFP4_RANGE)
-    s_dec = decode_from_encode(s_enc)
-    factor = float(s_enc.float() * _INV_E2M1_MAX)  # the reference's S_enc * (1/6), a float32 value
-    codes = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    enc_table = nvfp4_block_encode_scale(codes, s_dec).contiguous()
-
+    s_dec, factor, enc_table = _scales(amax)
+    tp = enc_table.data_ptr()
     if block == BLOCK_2D:
         b_amax = _tile_amax(b_amax.view(*shape[:-1], K // BLOCK_SIZE)).reshape(-1)
         bp = b_amax.data_ptr()
 
     # pass 2: block scales, codes, packing
-    packed = torch.empty(nb * BLOCK_SIZE // 2, dtype=torch.uint8)
-    scale = torch.empty(nb, dtype=torch.uint8)
-    pp, sp, tp = packed.data_ptr(), scale.data_ptr(), enc_table.data_ptr()
     if sr:
         # the reference's one draw: torch.rand over the blocked shape [..., K/16, 16]
         uniform = torch.rand((*shape[:-1], K // BLOCK_SIZE, BLOCK_SIZE), generator=generator, dtype=torch.float32)
         up = uniform.data_ptr()
-        _run(lambda s, e: encode_fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
-                                    pp + s * (BLOCK_SIZE // 2), sp + s, up + 4 * BLOCK_SIZE * s), ranges)
+        fn = lib.nvfp4_encode_sr_bf16 if bf16 else lib.nvfp4_encode_sr_f32
+        _run(lambda s, e: fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
+                             pp + s * (BLOCK_SIZE // 2), sp + s, up + 4 * BLOCK_SIZE * s), ranges)
     else:
-        _run(lambda s, e: encode_fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
-                                    pp + s * (BLOCK_SIZE // 2), sp + s), ranges)
+        fn = lib.nvfp4_encode_bf16 if bf16 else lib.nvfp4_encode_f32
+        _run(lambda s, e: fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
+                             pp + s * (BLOCK_SIZE // 2), sp + s), ranges)
+    return _parts(packed, scale, s_dec, shape, block)
+
+
+def _scales(amax: torch.Tensor):
+    """S_dec, the float32 factor S_enc * (1/6) and the 128-entry encode-multiplier table, by the
+    reference's own functions."""
+    s_enc = global_encode_scale(amax, NVFP4_RANGE)
+    s_dec = decode_from_encode(s_enc)
+    factor = float(s_enc.float() * _INV_E2M1_MAX)  # a float32 value, passed to C exactly
+    codes = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    return s_dec, factor, nvfp4_block_encode_scale(codes, s_dec).contiguous()
+
+
+def _reject_non_finite(top_bits: int, x, name: str, block) -> None:
+    if top_bits >= _FP32_INF_BITS:
+        check_quantizable(x, name, block)  # raises the reference's NaN/inf error
+        raise ValueError(f"{name}: contains NaN or inf values; NVFP4 has no encoding for them")
+
+
+def _parts(packed, scale, s_dec, shape, block) -> NVFP4Parts:
+    K = shape[-1]
     return NVFP4Parts(
         packed.view(*shape[:-1], K // 2),
         scale.view(torch.float8_e4m3fn).view(*shape[:-1], K // BLOCK_SIZE),
