@@ -207,33 +207,36 @@ void nvfp4_encode_sr_bf16(const uint16_t *x, const float *block_amax, int64_t nb
     NVFP4_ENCODE(LOAD_BF16, CODE_STOCHASTIC)
 }
 
-/* One pass for a given tensor amax (1x16 blocks, nearest rounding): the block amax is taken
-   inline; returns the largest |x| bit pattern so that the caller can reject NaN/inf after. */
-#define NVFP4_ENCODE_ONE_PASS(LOAD)                                                   \
-    uint32_t all = 0;                                                                 \
-    for (int64_t b = 0; b < nb; b++) {                                                \
-        uint32_t m = 0;                                                               \
-        for (int j = 0; j < 16; j++) { uint32_t a = LOAD(b * 16 + j) & 0x7FFFFFFFu; m = a > m ? a : m; } \
-        all = m > all ? m : all;                                                      \
-        float v = u2f(m) * factor;                                                    \
-        v = v < 448.0f ? v : 448.0f;           /* also maps NaN/inf (rejected later) to 448 */ \
-        uint32_t s = e4m3_rtne(v);                                                    \
-        scale[b] = (uint8_t)s;                                                        \
-        float enc = enc_table[s];                                                     \
-        uint32_t c[16];                                                               \
-        for (int j = 0; j < 16; j++) c[j] = e2m1_code(LOAD(b * 16 + j), enc);         \
-        for (int k = 0; k < 8; k++) packed[b * 8 + k] = (uint8_t)(c[2 * k] | (c[2 * k + 1] << 4)); \
-    }                                                                                 \
-    return all;
+/* One pass for a given tensor amax (1x16 blocks, nearest rounding): both steps run chunk by
+   chunk, so the input is read from memory once and the second read hits the cache. Returns the
+   largest |x| bit pattern so that the caller can reject NaN/inf afterwards (NaN/inf blocks get
+   scale 448 meanwhile: v < 448 is false for them). */
+#define ONE_PASS_CHUNK 256
 
 uint32_t nvfp4_encode_one_pass_f32(const uint32_t *x, int64_t nb, float factor, const float *enc_table,
                                    uint8_t *packed, uint8_t *scale) {
-    NVFP4_ENCODE_ONE_PASS(LOAD_F32)
+    float tmp[ONE_PASS_CHUNK];
+    uint32_t all = 0;
+    for (int64_t b = 0; b < nb; b += ONE_PASS_CHUNK) {
+        int64_t n = nb - b < ONE_PASS_CHUNK ? nb - b : ONE_PASS_CHUNK;
+        uint32_t m = nvfp4_block_amax_f32(x + b * 16, n, tmp);
+        all = m > all ? m : all;
+        nvfp4_encode_f32(x + b * 16, tmp, n, factor, enc_table, packed + b * 8, scale + b);
+    }
+    return all;
 }
 
 uint32_t nvfp4_encode_one_pass_bf16(const uint16_t *x, int64_t nb, float factor, const float *enc_table,
                                     uint8_t *packed, uint8_t *scale) {
-    NVFP4_ENCODE_ONE_PASS(LOAD_BF16)
+    float tmp[ONE_PASS_CHUNK];
+    uint32_t all = 0;
+    for (int64_t b = 0; b < nb; b += ONE_PASS_CHUNK) {
+        int64_t n = nb - b < ONE_PASS_CHUNK ? nb - b : ONE_PASS_CHUNK;
+        uint32_t m = nvfp4_block_amax_bf16(x + b * 16, n, tmp);
+        all = m > all ? m : all;
+        nvfp4_encode_bf16(x + b * 16, tmp, n, factor, enc_table, packed + b * 8, scale + b);
+    }
+    return all;
 }
 
 /* The E4M3 rounding alone, for values in [0, 448] (lets tests compare it with torch's cast). */
