@@ -308,8 +308,9 @@ def test_bad_global_amax_errors_match_the_reference(amax):
 @pytest.mark.parametrize("amax", [3.0, float("nan"), -2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_finite_data_with_a_given_amax_errors_like_the_reference(block, amax, dtype):
-    # with a given amax the 1x16 path is a single pass; bad data is still reported first
-    x = torch.randn(32, 64).to(dtype)
+    # with a given amax the 1x16 path is a single pass; bad data is still reported first, also
+    # when it sits in an early chunk of a long tensor
+    x = torch.randn(512, 64).to(dtype)
     x[3, 40] = float("inf")
     want = _error_of(lambda: reference(x, block, global_amax=amax))
     assert want is not None and "inf" in want[1]
