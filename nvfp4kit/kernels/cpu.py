@@ -50,6 +50,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import struct
 import subprocess
@@ -260,14 +261,15 @@ _pool_key: tuple[int, int] = (0, 0)  # (size, pid): a forked child starts its ow
 # ----------------------------------------------------------------------------- build and load
 
 
-def _compiler() -> str | None:
+def _compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` (may carry a wrapper, e.g. "ccache gcc"), else cc/gcc/clang."""
     cc = os.environ.get("CC")
     if cc:
-        return shutil.which(cc) or cc
+        return shlex.split(cc)
     for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
-            return path
+            return [path]
     return None
 
 
@@ -294,15 +296,16 @@ def _cpu_identity() -> str:
     return "\n".join(ident)
 
 
-def _compiler_version(cc: str) -> str:
+def _compiler_version(cc: list[str]) -> str:
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def _build(cc: str, out: Path) -> None:
+def _build(cc: list[str], out: Path) -> None:
     """Compile the kernel to ``out`` (written under a temporary name, then renamed)."""
+    progress.log(f"nvfp4kit: building the CPU quantize kernel (once per machine) into {out.parent}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src = Path(tmp) / "nvfp4_cpu.c"
@@ -310,7 +313,7 @@ def _build(cc: str, out: Path) -> None:
         lib = Path(tmp) / out.name
         errors = []
         for extra in (["-march=native"], []):
-            cmd = [cc, *_BASE_FLAGS, *extra, str(src), "-o", str(lib)]
+            cmd = [*cc, *_BASE_FLAGS, *extra, str(src), "-o", str(lib)]
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as e:
@@ -362,7 +365,7 @@ def _load():
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
             key = hashlib.sha256(
-                "\0".join([_C_SOURCE, " ".join(_BASE_FLAGS), cc, _compiler_version(cc), _cpu_identity()]).encode()
+                "\0".join([_C_SOURCE, " ".join(_BASE_FLAGS), *cc, _compiler_version(cc), _cpu_identity()]).encode()
             ).hexdigest()[:20]
             path = _cache_dir() / f"nvfp4_cpu_{key}.so"
             if not path.exists():
