@@ -31,8 +31,8 @@ What runs where:
 * ``scale_rule="4over6"`` (its per-block error sums would have to follow torch's reduction
   order), empty tensors, other float dtypes, tensor subclasses other than ``nn.Parameter`` and
   calls made while ``torch.compile`` traces: delegated to the reference (same result by definition).
-* 16x16 blocks: the tile amax is the max of the 16 rows' block amaxes (a small torch op on the
-  ``[..., M, K/16]`` block amax), then the same encode pass.
+* 16x16 blocks: the tile amax is the max of the 16 rows' block amaxes (a small in-place step on
+  the ``[..., M, K/16]`` block amax), then the same encode pass.
 
 Build: the C source below is compiled once per machine with the system C compiler (``$CC``, else
 ``cc``, ``gcc`` or ``clang``) into ``$NVFP4KIT_CACHE_DIR`` (default ``~/.cache/nvfp4kit``), keyed
@@ -61,7 +61,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import progress
 from ..formats.nvfp4 import (
@@ -240,6 +239,23 @@ uint32_t nvfp4_encode_one_pass_bf16(const uint16_t *x, int64_t nb, float factor,
     return all;
 }
 
+/* 16x16 blocks: in place, each row's block amax [n_mat][M][KB] becomes the amax of its 16-row
+   tile (a partial last tile takes the rows it has). Values are finite and non-negative here. */
+void nvfp4_tile_amax(float *a, int64_t n_mat, int64_t M, int64_t KB) {
+    for (int64_t l = 0; l < n_mat; l++) {
+        float *mat = a + l * M * KB;
+        for (int64_t r0 = 0; r0 < M; r0 += 16) {
+            int64_t r1 = M - r0 < 16 ? M : r0 + 16;
+            float *first = mat + r0 * KB;
+            for (int64_t r = r0 + 1; r < r1; r++) {
+                const float *row = mat + r * KB;
+                for (int64_t k = 0; k < KB; k++) first[k] = row[k] > first[k] ? row[k] : first[k];
+            }
+            for (int64_t r = r0 + 1; r < r1; r++) memcpy(mat + r * KB, first, (size_t)KB * sizeof(float));
+        }
+    }
+}
+
 /* The E4M3 rounding alone, for values in [0, 448] (lets tests compare it with torch's cast). */
 void nvfp4_e4m3_rtne_f32(const float *v, int64_t n, uint8_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)e4m3_rtne(v[i]);
@@ -344,6 +360,8 @@ def _declare(lib) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [P, N, F32, P, P, P]
         fn.restype = ctypes.c_uint32
+    lib.nvfp4_tile_amax.argtypes = [P, N, N, N]
+    lib.nvfp4_tile_amax.restype = None
     lib.nvfp4_e4m3_rtne_f32.argtypes = [P, N, P]
     lib.nvfp4_e4m3_rtne_f32.restype = None
 
@@ -529,8 +547,8 @@ def quantize_parts(
     s_dec, factor, enc_table = _scales(amax)
     tp = enc_table.data_ptr()
     if block == BLOCK_2D:
-        b_amax = _tile_amax(b_amax.view(*shape[:-1], K // BLOCK_SIZE)).reshape(-1)
-        bp = b_amax.data_ptr()
+        M = shape[-2]
+        lib.nvfp4_tile_amax(bp, nb // (M * (K // BLOCK_SIZE)), M, K // BLOCK_SIZE)
 
     # pass 2: block scales, codes, packing
     if sr:
@@ -582,12 +600,3 @@ def e4m3_rtne_kernel(v: torch.Tensor) -> torch.Tensor:
     out = torch.empty(v.shape, dtype=torch.uint8)
     lib.nvfp4_e4m3_rtne_f32(v.data_ptr(), v.numel(), out.data_ptr())
     return out.view(torch.float8_e4m3fn)
-
-
-def _tile_amax(row_amax: torch.Tensor) -> torch.Tensor:
-    """[..., M, K/16] per-row block amax -> the 16x16 tile amax, repeated for each of the tile's rows."""
-    M = row_amax.shape[-2]
-    pad = -M % BLOCK_SIZE
-    t = F.pad(row_amax, (0, 0, 0, pad)) if pad else row_amax
-    t = t.reshape(*t.shape[:-2], (M + pad) // BLOCK_SIZE, BLOCK_SIZE, t.shape[-1]).amax(-2)
-    return t.repeat_interleave(BLOCK_SIZE, dim=-2)[..., :M, :].contiguous()
