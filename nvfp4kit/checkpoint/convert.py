@@ -37,7 +37,7 @@ def convert_checkpoint(src, out, to: str, *, max_shard_size=None, overwrite: boo
     if to in (BF16, "bfloat16"):
         return dequantize_checkpoint(src, out, torch.bfloat16, max_shard_size=max_shard_size, overwrite=overwrite)
     fmt = check_write_format(to)
-    reader = CheckpointReader(src, max_open_files=1)  # one mapped shard at a time
+    reader = CheckpointReader(src, max_open_files=0)  # no shard stays mapped
     with reader:
         info = detect_format(src, reader)
         if info.format == UNQUANTIZED:
@@ -72,7 +72,7 @@ def dequantize_checkpoint(src, out, dtype: torch.dtype = torch.bfloat16, *, max_
     Linears dequantized to ``dtype``, other floating tensors cast to it, no quantization_config."""
     if not dtype.is_floating_point:
         raise CheckpointError(f"dequantize: dtype must be floating, got {dtype}")
-    reader = CheckpointReader(src, max_open_files=1)  # one mapped shard at a time
+    reader = CheckpointReader(src, max_open_files=0)  # no shard stays mapped
     with reader:
         info = detect_format(src, reader)
         size = max_shard_size or _default_shard_size(reader)

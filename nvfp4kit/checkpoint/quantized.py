@@ -233,6 +233,10 @@ class RecordWriter:
             self._fp8_scales[name] = lw.fp8_weight_scale
         self.writer.add_all(self.fmod.linear_tensors(name, lw))
 
+    def make_room(self, nbytes: int) -> None:
+        """See :meth:`ShardedWriter.make_room`."""
+        self.writer.make_room(nbytes)
+
     def tensor(self, name: str, t: torch.Tensor) -> None:
         self.writer.add(name, t)
 

@@ -60,13 +60,16 @@ class CheckpointReader:
     """
 
     def __init__(self, path, max_open_files: int = 2):
+        """``max_open_files``: safetensors files kept open (memory-mapped) at once; 0 closes each
+        file after every tensor read, so no shard's pages stay mapped (streaming use)."""
         from safetensors import safe_open  # noqa: F401  (fail early if missing)
 
         self.path = Path(path)
         if not self.path.exists():
             raise CheckpointError(f"checkpoint {self.path} does not exist")
         self.dir = self.path if self.path.is_dir() else self.path.parent
-        self._max_open = max(1, max_open_files)
+        # 0: close the file after every tensor read (no shard stays mapped into this process)
+        self._max_open = max(0, max_open_files)
         self._handles: OrderedDict[str, object] = OrderedDict()
         self._weight_map: dict[str, str] = {}  # tensor name -> file name (relative to dir)
         self._info: dict[str, tuple[str, tuple[int, ...]]] = {}  # tensor -> (dtype str, shape)
@@ -127,7 +130,7 @@ class CheckpointReader:
         except Exception as e:  # SafetensorError: corrupt / truncated header or data
             raise CheckpointError(f"safetensors file {path} is corrupt or truncated: {e}") from None
         self._handles[fname] = h
-        while len(self._handles) > self._max_open:
+        while len(self._handles) > max(self._max_open, 1):
             self._handles.popitem(last=False)
         return h
 
@@ -196,9 +199,12 @@ class CheckpointReader:
             self.expect_shape(name, shape)
         h = self._open(self._weight_map[name])
         try:
-            return h.get_tensor(name)
+            t = h.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"cannot read {self.where(name)}: {e}") from None
+        if self._max_open == 0:  # streaming: unmap the shard; its pages stay in the page cache only
+            self._handles.clear()
+        return t
 
     def expect_dtype(self, name: str, dtype_str: str | tuple[str, ...]) -> None:
         allowed = (dtype_str,) if isinstance(dtype_str, str) else tuple(dtype_str)

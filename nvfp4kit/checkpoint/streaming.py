@@ -28,14 +28,14 @@ from .writer import parse_size
 
 STREAM_SCHEMES = ("nvfp4", "fp8")
 # Elements per quantization chunk. The quantizer's float32 temporaries take ~24 bytes per element
-# of a chunk, so chunks of (output shard bytes / 64) elements keep the working set to ~0.4 shard;
+# of a chunk, so chunks of (output shard bytes / 128) elements keep the working set to ~0.2 shard;
 # clamped so tiny shards do not make tiny (slow) chunks and huge ones do not make huge temporaries.
 MIN_CHUNK_ELEMENTS = 1 << 16
 MAX_CHUNK_ELEMENTS = 1 << 22
 
 
 def chunk_elements(max_shard_bytes: int) -> int:
-    return int(min(max(max_shard_bytes // 64, MIN_CHUNK_ELEMENTS), MAX_CHUNK_ELEMENTS))
+    return int(min(max(max_shard_bytes // 128, MIN_CHUNK_ELEMENTS), MAX_CHUNK_ELEMENTS))
 
 
 def _rows_per_chunk(w: torch.Tensor, chunk: int) -> int:
@@ -87,18 +87,23 @@ def _tensor_amax(w: torch.Tensor, where: str, chunk: int = MAX_CHUNK_ELEMENTS) -
 def quantize_nvfp4_rows(
     w: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto", chunk: int = MAX_CHUNK_ELEMENTS
 ) -> NVFP4Parts:
-    """NVFP4 (1x16 blocks) of a 2-dim tensor with a given global amax, in row chunks; identical to
-    quantizing the whole tensor at once (1x16 blocks never span rows)."""
+    """NVFP4 (1x16 blocks) of a 2-dim tensor with a given global amax, in row chunks written into
+    preallocated outputs; identical to quantizing the whole tensor at once (1x16 blocks never span
+    rows)."""
     from ..kernels.dispatch import quantize_parts
 
+    N, K = w.shape
     rows = _rows_per_chunk(w, chunk)
-    packed, scales, g = [], [], None
-    for i in range(0, max(w.shape[0], 1), rows):
+    packed = torch.empty(N, K // 2, dtype=torch.uint8)
+    scales = torch.empty(N, K // BLOCK_SIZE, dtype=torch.float8_e4m3fn)
+    g = None
+    for i in range(0, max(N, 1), rows):
         p = quantize_parts(w[i : i + rows], global_amax=global_amax, backend=backend)
-        packed.append(p.packed)
-        scales.append(p.block_scale)
+        packed[i : i + rows] = p.packed
+        scales[i : i + rows] = p.block_scale
         g = p.global_decode_scale
-    return NVFP4Parts(torch.cat(packed), torch.cat(scales), g.reshape(()))
+        del p
+    return NVFP4Parts(packed, scales, g.reshape(()))
 
 
 def fp8_decode_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -110,7 +115,17 @@ def fp8_decode_scale(amax: torch.Tensor) -> torch.Tensor:
 def quantize_fp8_rows(w: torch.Tensor, scale: torch.Tensor, chunk: int = MAX_CHUNK_ELEMENTS) -> torch.Tensor:
     """E4M3 (RTNE, saturating) of ``w / scale`` in row chunks."""
     rows = _rows_per_chunk(w, chunk)
-    return torch.cat([e4m3_rtne(w[i : i + rows].float() / scale) for i in range(0, max(w.shape[0], 1), rows)])
+    out = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    for i in range(0, max(w.shape[0], 1), rows):
+        out[i : i + rows] = e4m3_rtne(w[i : i + rows].float() / scale)
+    return out
+
+
+def _output_bytes(shape, scheme: str) -> int:
+    N, K = shape
+    if scheme == "nvfp4":
+        return N * K // 2 + N * (K // BLOCK_SIZE) + 8
+    return N * K + 8
 
 
 def quantize_checkpoint(
@@ -137,7 +152,7 @@ def quantize_checkpoint(
     if scheme not in STREAM_SCHEMES:
         raise CheckpointError(f"scheme must be one of {', '.join(STREAM_SCHEMES)}, got {scheme!r}")
     exclude = list(exclude)
-    reader = CheckpointReader(src, max_open_files=1)  # one mapped shard at a time
+    reader = CheckpointReader(src, max_open_files=0)  # no shard stays mapped
     with reader:
         info = detect_format(src, reader)
         if info.format != UNQUANTIZED:
@@ -163,10 +178,14 @@ def quantize_checkpoint(
                     if module in done:
                         continue
                     members = groups.get(module, [module])
-                    weights = {m: reader.get(f"{m}.weight") for m in members}
-                    amax = {m: _tensor_amax(t, reader.where(f"{m}.weight"), chunk) for m, t in weights.items()}
-                    shared = torch.stack(list(amax.values())).amax()
-                    for m, t in weights.items():
+                    w.make_room(sum(_output_bytes(reader.shape(f"{m}.weight"), scheme) for m in members))
+                    # one member in memory at a time: amaxes first, then each member again
+                    # (a second read of a group member comes from the page cache)
+                    amaxes = [_tensor_amax(reader.get(f"{m}.weight"), reader.where(f"{m}.weight"), chunk)
+                              for m in members]
+                    shared = torch.stack(amaxes).amax()
+                    for m in members:
+                        t = reader.get(f"{m}.weight")
                         N, K = t.shape
                         if scheme == "nvfp4":
                             lw = QuantizedLinearWeight("nvfp4", (N, K), nvfp4=quantize_nvfp4_rows(t, shared, backend, chunk))
@@ -174,10 +193,11 @@ def quantize_checkpoint(
                             s = fp8_decode_scale(shared)
                             lw = QuantizedLinearWeight("fp8", (N, K), fp8_weight=quantize_fp8_rows(t, s, chunk),
                                                     fp8_weight_scale=s)
+                        del t
                         w.linear(m, lw)
                         done.add(m)
                         task.advance(1, module=m)
-                    del weights
                     continue
+                w.make_room(reader.nbytes(name))
                 w.tensor(name, reader.get(name))
     return w.out

@@ -167,6 +167,13 @@ class ShardedWriter:
         self._buffer_bytes += nbytes
         self._names.add(name)
 
+    def make_room(self, nbytes: int) -> None:
+        """Flush now if ``nbytes`` more would overflow the current shard, so a caller can free the
+        buffer *before* loading its next tensor (keeps peak memory near one shard)."""
+        self._need_open()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+
     def names(self) -> set[str]:
         """Names of the tensors added so far."""
         return set(self._names)
