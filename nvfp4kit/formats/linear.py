@@ -31,6 +31,9 @@ class LinearPrecision:
     rht_sign: tuple[int, ...] | None = None
     stochastic_rounding: bool = True
     four_over_six: bool = False
+    # join the data-parallel amax reduction of activations/gradients when one is set
+    # (off for modules whose calls depend on the data, e.g. routed experts)
+    amax_reduction: bool = True
 
     def __post_init__(self):
         if self.format not in FORMATS:

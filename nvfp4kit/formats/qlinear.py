@@ -52,9 +52,9 @@ def set_amax_reduction(group=None, enabled: bool = True) -> None:
     _AMAX_REDUCE = bool(enabled)
 
 
-def _global_amax(t: torch.Tensor) -> torch.Tensor:
+def _global_amax(t: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     amax = t.abs().amax().float() if t.numel() else torch.zeros((), dtype=torch.float32, device=t.device)
-    if _AMAX_REDUCE:
+    if _AMAX_REDUCE and reduce:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
@@ -125,9 +125,10 @@ def quantize_parts(t: torch.Tensor, block=BLOCK_1D, rounding="nearest", global_a
                                    scale_rule=scale_rule, backend=_backend_for(t.device.type), name=name)
 
 
-def _q(t: torch.Tensor, block=BLOCK_1D, rounding="nearest", scale_rule="max", name="input") -> NVFP4Parts:
+def _q(t: torch.Tensor, block=BLOCK_1D, rounding="nearest", scale_rule="max", name="input",
+       reduce: bool = True) -> NVFP4Parts:
     return quantize_parts(t, block=block, rounding=rounding, scale_rule=scale_rule, name=name,
-                          global_amax=_global_amax(t) if _AMAX_REDUCE else None)
+                          global_amax=_global_amax(t) if (_AMAX_REDUCE and reduce) else None)
 
 
 def quantize_weight(weight: torch.Tensor, precision: LinearPrecision) -> NVFP4Parts:
@@ -186,8 +187,9 @@ def wgrad_operands(dy: torch.Tensor, x: torch.Tensor, precision: LinearPrecision
         dy_t = torch.mm(dy_t.view(-1, size), H).view(dy_t.shape)
         x_t = torch.mm(x_t.view(-1, size), H).view(x_t.shape)
     sr = "stochastic" if precision.stochastic_rounding else "nearest"
-    q_dy = _q(dy_t, rounding=sr, name="grad_output^T")
-    q_x = _q(x_t, name="input^T")
+    red = precision.amax_reduction
+    q_dy = _q(dy_t, rounding=sr, name="grad_output^T", reduce=red)
+    q_x = _q(x_t, name="input^T", reduce=red)
     return q_dy, q_x
 
 
@@ -197,7 +199,7 @@ class NVFP4RecipeLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, precision: LinearPrecision, out_dtype):
         with _no_autocast(x.device.type):
-            q_x = _q(x, name="input")
+            q_x = _q(x, name="input", reduce=precision.amax_reduction)
             q_w = quantize_weight(weight, precision)
             w_vals = operand_values(q_w)
             y = nvfp4_gemm(q_x, q_w, w_vals)
@@ -221,7 +223,7 @@ class NVFP4RecipeLinear(torch.autograd.Function):
         sr = "stochastic" if p.stochastic_rounding else "nearest"
         with _no_autocast(dy.device.type):
             if need_x:
-                q_dy = _q(dy, rounding=sr, name="grad_output")
+                q_dy = _q(dy, rounding=sr, name="grad_output", reduce=p.amax_reduction)
                 if p.weight_2d:
                     w_vals, w_decode = ctx.w_dgrad
                     dx = torch.mm(operand_values(q_dy), w_vals).mul_(q_dy.global_decode_scale.float() * w_decode.float())
@@ -276,11 +278,11 @@ class MXFP8Linear(torch.autograd.Function):
         return dx, dw, db, None
 
 
-def fp8_tensor(t: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_tensor(t: torch.Tensor, amax: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
     """Per-tensor E4M3 with current scaling (``scale = 448 / amax``), as float32 values."""
     tf = t.float()
     if amax is None:
-        amax = _global_amax(tf)
+        amax = _global_amax(tf, reduce)
     scale = torch.where(amax > 0, E4M3_MAX / amax, torch.ones_like(amax))
     return e4m3_rtne(tf * scale).float() / scale
 
@@ -289,15 +291,16 @@ class FP8Linear(torch.autograd.Function):
     """All three GEMMs with per-tensor E4M3 operands (current scaling)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out_dtype):
+    def forward(ctx, x, weight, bias, out_dtype, reduce):
         with _no_autocast(x.device.type):
             w8 = fp8_tensor(weight, weight.detach().abs().amax().float())
-            y = fp8_tensor(x) @ w8.t()
+            y = fp8_tensor(x, reduce=reduce) @ w8.t()
             if bias is not None:
                 y = y + bias.float()
         ctx.save_for_backward(x, w8)
         ctx.has_bias = bias is not None
         ctx.w_dtype = weight.dtype
+        ctx.reduce = reduce
         return y.to(out_dtype)
 
     @staticmethod
@@ -306,14 +309,14 @@ class FP8Linear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with _no_autocast(dy.device.type):
-            dy8 = fp8_tensor(dy)
+            dy8 = fp8_tensor(dy, reduce=ctx.reduce)
             if need_x:
                 dx = (dy8 @ w8).to(x.dtype)
             if need_w:
-                dw = (dy8.t() @ fp8_tensor(x)).to(ctx.w_dtype)
+                dw = (dy8.t() @ fp8_tensor(x, reduce=ctx.reduce)).to(ctx.w_dtype)
             if need_b and ctx.has_bias:
                 db = dy.float().sum(0)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -348,7 +351,7 @@ def emulated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         _check_features("mxfp8 linear", N, MX_BLOCK_SIZE, "MXFP8", "out_features")
         y = MXFP8Linear.apply(x2, weight, bias, out_dtype)
     elif fmt == "fp8":
-        y = FP8Linear.apply(x2, weight, bias, out_dtype)
+        y = FP8Linear.apply(x2, weight, bias, out_dtype, precision.amax_reduction)
     else:
         raise ValueError(f"emulated_linear: unknown format {fmt!r}")
     return y.reshape(*lead, N)

@@ -3,9 +3,10 @@ environment, FSDP2 (``fully_shard``) where it runs (CPU with gloo included), DDP
 global amax reduction of the quantized linears.
 
 Under FSDP2 every Linear's weight is all-gathered before its forward, so weight quantization sees
-the whole tensor; activations and gradients are local to each rank, so their global amax is reduced
-(MAX) across ranks: every rank then quantizes with the amax of the whole global batch, as one
-process would.
+the whole tensor; activations and gradients are shards of the global batch, so their global amax is
+reduced (MAX) across ranks: every rank then quantizes with the amax of the whole global batch, as one
+process would. Routed experts are the exception: whether an expert runs on a rank depends on the
+routing of that rank's tokens, so they cannot join a collective and keep a per-rank amax.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def wrap_data_parallel(model: torch.nn.Module, info: DistInfo, strategy: str = "
     if strategy not in ("auto", "fsdp2", "ddp"):
         raise ValueError(f"--parallel must be auto, fsdp2 or ddp, got {strategy!r}")
     qlinear.set_amax_reduction(None, enabled=reduce_amax)
+    if reduce_amax:
+        exclude_data_dependent_linears(model)
     if strategy in ("auto", "fsdp2"):
         try:
             wrapped = _fully_shard(model)
@@ -81,6 +84,26 @@ def wrap_data_parallel(model: torch.nn.Module, info: DistInfo, strategy: str = "
     info.wrapper = "ddp"
     # MoE experts that receive no token in a step have no gradient: let DDP find them
     return DDP(model, find_unused_parameters=True)
+
+
+# Linears whose calls depend on the data (a routed expert may receive no token on one rank and some
+# on another): they cannot join a collective, so they keep a per-rank amax.
+DATA_DEPENDENT_LINEARS = r"\.experts\.\d+\."
+
+
+def exclude_data_dependent_linears(model: torch.nn.Module) -> list[str]:
+    """Switch the amax reduction off for routed experts; returns their names."""
+    import re
+    from dataclasses import replace
+
+    from ..model.linear import iter_linears
+
+    names = []
+    for name, mod in iter_linears(model):
+        if re.search(DATA_DEPENDENT_LINEARS, name + ".") and mod.precision.amax_reduction:
+            mod.precision = replace(mod.precision, amax_reduction=False)
+            names.append(name)
+    return names
 
 
 def _fully_shard(model: torch.nn.Module) -> torch.nn.Module:
