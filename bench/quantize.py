@@ -223,9 +223,14 @@ def main(argv=None) -> int:
         f"Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.",
         "Median wall time; bf16 input; output = packed E2M1 codes + E4M3 block scales + FP32 global scale.",
         "Speedup = time of the faster of torchao/modelopt divided by this row's time.",
-        "",
-        markdown(columns, rows),
     ]
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
+        body.append(
+            "The machine was shared (load average above the core count): every time is inflated, the ratios "
+            "(all measured in this run) are the comparable figures, and 1- vs 2-thread rows mostly show "
+            "how much CPU the other processes left."
+        )
+    body += ["", markdown(columns, rows)]
     if not args.no_crossover:
         ccols, crows, crossover = crossover_table(args.warmup, args.repeats)
         print_table("reference vs compiled path by size (bf16, 1x16 blocks)", ccols, crows)
