@@ -294,9 +294,12 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Pack
                 "val_loss": None, "lr": lr, "grad_norm": float(gn), "tokens": (step + 1) * tokens_per_step,
                 "step_time_s": dt, "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
             }
-            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            evaluated = cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
+            if evaluated:
                 row["val_loss"] = evaluate(model, val, cfg, device, rank, world)
             rows.append(row)
+            if evaluated and rank == 0:  # metrics so far, readable while the run goes on
+                write_metrics(out_dir, rows, dict(summary, last_step=step + 1))
             fields = {"loss": loss_v, "tok/s": round(row["tokens_per_s"] or 0.0)}
             if row["val_loss"] is not None:
                 fields["val"] = row["val_loss"]
