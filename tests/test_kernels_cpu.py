@@ -379,10 +379,11 @@ def test_empty_tensor():
 # ----------------------------------------------------------------------------- dispatch, build, fallback
 
 
-def test_dispatch_uses_this_backend():
+def test_dispatch_uses_this_backend(monkeypatch):
     x = torch.randn(1 << 10, 1 << 8)
     assert x.numel() >= dispatch.COMPILED_MIN_NUMEL
     assert dispatch.resolve_backend("auto", x) == "compiled"
+    monkeypatch.setattr(dispatch, "COMPILED_MIN_NUMEL", 1 << 12)
     assert dispatch.resolve_backend("auto", x[:2]) == "torch"
     assert_same_parts(dispatch.quantize_parts(x, backend="compiled"), reference(x))
 

@@ -70,7 +70,7 @@ def check_quantizable(x: torch.Tensor, name: str = "input", block: Block = BLOCK
     """Raise a clear error if ``x`` cannot be quantized to NVFP4 with this block shape."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if not x.dtype.is_floating_point or x.dtype.itemsize == 1:  # no 8-bit float formats as input
         raise TypeError(f"{name}: NVFP4 quantizes float32/bfloat16/float16/float64 tensors, got {x.dtype}")
     if block not in (BLOCK_1D, BLOCK_2D):
         raise ValueError(f"{name}: block must be (1, 16) or (16, 16), got {block}")
