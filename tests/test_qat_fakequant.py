@@ -19,6 +19,11 @@ from nvfp4kit.calibrate.qat import (
 from nvfp4kit.formats.nvfp4 import dequantize_parts
 
 
+def ref_quant(x, **kw):
+    """The format core's plain torch reference, whatever backend the fake-quant modules dispatch to."""
+    return nvfp4kit.quantize(x, backend="torch", **kw)
+
+
 def _linear(n, k, bias, seed, scale=1.0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, n, bias=bias)
@@ -42,7 +47,7 @@ def _linear(n, k, bias, seed, scale=1.0, dtype=torch.float32):
 def test_weight_fake_quant_equals_format_core(n, kb, seed, log_scale, dtype, block, rule):
     lin = _linear(n, 16 * kb, False, seed, 2.0**log_scale, dtype)
     fq = FakeQuantLinear(lin, "nvfp4", quantize_input=False, weight_block=block, weight_scale=rule)
-    expected = nvfp4kit.quantize(lin.weight.detach(), block=block, scale_rule=rule).dequantize()
+    expected = ref_quant(lin.weight.detach(), block=block, scale_rule=rule).dequantize()
     got = fq.quantized_weight_value()
     assert got.dtype == dtype
     assert torch.equal(got, expected)
@@ -64,8 +69,8 @@ def test_w4a4_forward_is_exact(n, kb, tokens, seed, amax_factor, bias):
     x = torch.randn(2, tokens, k, generator=g)
     in_amax = float(x.abs().max()) * amax_factor  # below 1: some inputs saturate, as deployed
     fq = FakeQuantLinear(lin, "nvfp4", quantize_input=True, input_amax=in_amax)
-    xq = nvfp4kit.quantize(x, global_amax=torch.tensor(in_amax)).dequantize()
-    wq = nvfp4kit.quantize(lin.weight.detach()).dequantize()
+    xq = ref_quant(x, global_amax=torch.tensor(in_amax)).dequantize()
+    wq = ref_quant(lin.weight.detach()).dequantize()
     assert torch.equal(fq(x), F.linear(xq, wq, lin.bias))
     # weight-only: the input passes unchanged
     fq16 = FakeQuantLinear(lin, "nvfp4", quantize_input=False)
@@ -82,8 +87,8 @@ def test_ste_gradients_and_clipping():
     y = fq(xr)
     dy = torch.randn_like(y, generator=torch.Generator().manual_seed(4))
     y.backward(dy)
-    xq = nvfp4kit.quantize(x, global_amax=torch.tensor(in_amax)).dequantize()
-    wq = nvfp4kit.quantize(lin.weight.detach()).dequantize()
+    xq = ref_quant(x, global_amax=torch.tensor(in_amax)).dequantize()
+    wq = ref_quant(lin.weight.detach()).dequantize()
     # weight: identity STE, so dL/dW = dy^T xq; bias: dy summed
     assert torch.allclose(lin.weight.grad, dy.t() @ xq, rtol=1e-6, atol=1e-6)
     assert torch.allclose(lin.bias.grad, dy.sum(0))
@@ -101,7 +106,7 @@ def test_fixed_weight_amax_saturates_and_clips_gradient():
     with torch.no_grad():
         lin.weight[0, 0] = 3 * amax0  # grows past the frozen amax
     got = fq.quantized_weight_value()
-    expected = nvfp4kit.quantize(lin.weight.detach(), global_amax=torch.tensor(amax0)).dequantize()
+    expected = ref_quant(lin.weight.detach(), global_amax=torch.tensor(amax0)).dequantize()
     assert torch.equal(got, expected)
     assert float(got[0, 0]) == pytest.approx(amax0, rel=1e-6)  # saturated at the amax (6 * 448 * g)
     fq(torch.randn(3, 16)).sum().backward()
@@ -117,7 +122,7 @@ def test_cache_follows_in_place_updates():
         lin.weight.mul_(0.5).add_(0.01)
     after = fq.quantized_weight_value()
     assert not torch.equal(before, after)
-    assert torch.equal(after, nvfp4kit.quantize(lin.weight.detach()).dequantize())
+    assert torch.equal(after, ref_quant(lin.weight.detach()).dequantize())
 
 
 def _e4m3_grid() -> torch.Tensor:
@@ -170,7 +175,7 @@ def test_export_record_is_what_forward_used_after_training():
     assert rec.format == "nvfp4" and rec.shape == (32, 48) and rec.input_amax == 2.5
     w_export = dequantize_parts(p.packed, p.block_scale, p.global_decode_scale)
     assert torch.equal(w_export, fq.quantized_weight_value())
-    ref = nvfp4kit.quantize(lin.weight.detach())
+    ref = ref_quant(lin.weight.detach())
     assert torch.equal(p.packed, ref.packed) and torch.equal(p.block_scale.view(torch.uint8), ref.block_scale.view(torch.uint8))
     assert float(p.global_decode_scale) == float(ref.global_scale)
     assert torch.equal(rec.bias, lin.bias.detach())
@@ -203,7 +208,7 @@ def test_fused_group_shares_global_scale():
     for n in ("attn.q_proj", "attn.k_proj", "attn.v_proj"):
         assert float(recs[n].nvfp4.global_decode_scale) == expected
         assert torch.equal(mods[n].quantized_weight_value(),
-                           nvfp4kit.quantize(mods[n].weight.detach(), global_amax=torch.tensor(amax)).dequantize())
+                           ref_quant(mods[n].weight.detach(), global_amax=torch.tensor(amax)).dequantize())
     own = float(nvfp4kit.global_decode_scale(parent.attn.o_proj.weight.detach().abs().max()))
     assert float(recs["attn.o_proj"].nvfp4.global_decode_scale) == own
     assert not math.isnan(own)
@@ -261,8 +266,8 @@ def test_fused_siblings_quantize_a_shared_input_once_and_exactly():
         assert len(calls) == 3
     finally:
         qat.nvfp4_fake_quant = real
-    xq = nvfp4kit.quantize(x / 2, global_amax=torch.tensor(2.0)).dequantize()
+    xq = ref_quant(x / 2, global_amax=torch.tensor(2.0)).dequantize()
     assert torch.equal(ya, F.linear(xq, mods["gate_proj"].quantized_weight_value()))
     assert torch.equal(yb, F.linear(xq, mods["up_proj"].quantized_weight_value()))
-    xq2 = nvfp4kit.quantize(x, global_amax=torch.tensor(2.0)).dequantize()
+    xq2 = ref_quant(x, global_amax=torch.tensor(2.0)).dequantize()
     assert torch.equal(yc, F.linear(xq2, mods["up_proj"].quantized_weight_value()))
