@@ -249,3 +249,18 @@ def test_mixed_plan_exports_as_mixed_precision(tmp_path):
     back = load_quantized(tmp_path / "ck")
     assert {n: r.format for n, r in back.linears.items() if r.format != "bf16"} == {
         n: f for n, f in formats.items() if f != "bf16"}
+
+
+def test_report_plan_goes_through_progress(caplog):
+    import logging
+
+    from nvfp4kit.calibrate.mixed import report_plan
+
+    shapes = {"a": (16, 32), "b": (16, 16)}
+    sens = {"a": {"nvfp4": 1.0, "fp8": 0.1, "bf16": 0.0}, "b": {"nvfp4": 0.1, "fp8": 0.0, "bf16": 0.0}}
+    plan = plan_from_sensitivity(sens, shapes, 6.0)
+    with caplog.at_level(logging.INFO, logger="nvfp4kit"):
+        report_plan(plan)
+    text = caplog.text
+    assert "mixed precision under 6 bits/weight" in text and f"{plan.effective_bits:.4f}" in text
+    assert plan.formats["a"] in text

@@ -433,6 +433,15 @@ class MixedPrecisionPlan:
                    tensor_scale_bits=bool(d.get("tensor_scale_bits", False)))
 
 
+def report_plan(plan: MixedPrecisionPlan, title: str | None = None) -> None:
+    """Show the chosen map (per-Linear format and sensitivities) and its bits through ``progress``."""
+    progress.table(title or f"mixed precision under {plan.bits_budget:g} bits/weight",
+                   ["module", "shape", "format", *(f"sens {c}" for c in DEFAULT_CANDIDATES)], plan.table_rows())
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(plan.counts().items()))
+    progress.log(f"effective bits {plan.effective_bits:.4f} (budget {plan.bits_budget:g}); {counts}; "
+                 f"estimated loss increase {plan.estimated_loss_increase():.4g} nats ({plan.method})")
+
+
 def plan_from_sensitivity(
     sensitivity: Mapping[str, Mapping[str, float]],
     shapes: Mapping[str, Sequence[int]],
@@ -522,6 +531,7 @@ __all__ = [
     "effective_bits",
     "estimate_sensitivity",
     "plan_from_sensitivity",
+    "report_plan",
     "search_mixed_precision",
     "weight_bits",
 ]
