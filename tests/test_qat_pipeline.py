@@ -139,3 +139,21 @@ def test_cli(tiny_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
     r = CliRunner().invoke(app, ["qat", "--model", str(tiny_dir), "--out", str(tmp_path / "y"), "--scheme", "int2"])
     assert r.exit_code != 0 and "--scheme" in r.output
+
+
+def test_qat_from_a_ptq_checkpoint_keeps_its_formats_and_input_scales(tiny_dir, tmp_path):
+    from nvfp4kit.calibrate.qat import calibrate_input_amax, export_quantized_model, prepare_qat
+    from nvfp4kit.checkpoint import load_quantized, save_quantized
+
+    model, _ = load_model_and_tokenizer(tiny_dir)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    formats = {n: ("fp8" if n.endswith("o_proj") else "nvfp4") for n in names}
+    prepare_qat(model, formats)
+    calibrate_input_amax(model, [torch.randint(0, 32, (1, 32), generator=torch.Generator().manual_seed(1))])
+    save_quantized(export_quantized_model(model), tmp_path / "ptq")
+    ptq = load_quantized(tmp_path / "ptq")
+    res = run_qat(_job(tiny_dir, tmp_path / "qat", steps=2, ptq=str(tmp_path / "ptq"), save_every=0))
+    out = load_quantized(res.out)
+    assert {n: r.format for n, r in out.linears.items()} == formats
+    for n, r in out.linears.items():
+        assert r.input_amax == pytest.approx(ptq.linears[n].input_amax, rel=1e-6)
