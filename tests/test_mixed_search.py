@@ -264,3 +264,19 @@ def test_report_plan_goes_through_progress(caplog):
     text = caplog.text
     assert "mixed precision under 6 bits/weight" in text and f"{plan.effective_bits:.4f}" in text
     assert plan.formats["a"] in text
+
+
+def test_ptq_precision_plan_for_the_quantize_pipeline():
+    from nvfp4kit.calibrate.mixed import ptq_precision_plan
+
+    model = tiny_llama(4)
+    samples = torch.cat(_batches(1))  # [2, 24]
+    plan, found = ptq_precision_plan(model, samples, 5.0, exclude=["model.layers.0.mlp.*"])
+    assert plan.scheme == "mixed"
+    assert plan.layers["lm_head"].format == "bf16"
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        assert plan.layers[f"model.layers.0.mlp.{p}"].format == "bf16"
+        assert f"model.layers.0.mlp.{p}" not in found.formats
+    assert found.effective_bits <= 5.0 and len(found.formats) == 11
+    for n, f in found.formats.items():
+        assert plan.layers[n].format == f and plan.layers[n].quantize_input == (f != "bf16")

@@ -522,6 +522,41 @@ def search_mixed_precision(
     return plan_from_sensitivity(sens, shapes, bits_budget, fused_groups(names), tensor_scale_bits, method)
 
 
+def ptq_precision_plan(
+    model: nn.Module,
+    calib_samples,
+    bits_budget: float,
+    exclude: Iterable[str] = (),
+    method: str = "fisher",
+    max_samples: int = 8,
+):
+    """The ``quantize --scheme mixed --bits-budget B`` plan: the PTQ path's
+    :class:`~nvfp4kit.calibrate.precision.PrecisionPlan` with each searchable Linear's format
+    chosen under the budget (W4A4 NVFP4, W8A8 FP8 or BF16), and the search record.
+
+    ``calib_samples``: ``[n, L]`` token ids (the first ``max_samples`` rows are used). Modules the
+    PTQ rules keep in high precision (``exclude``, default exclusions, K not a multiple of 16)
+    stay out of the search and out of the bits count. Returns ``(PrecisionPlan, MixedPrecisionPlan)``.
+    """
+    from .precision import LayerPlan, PrecisionPlan, plan_precision
+
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    base = plan_precision(shapes, "w4a4", tuple(exclude))
+    fixed = [n for n, lp in base.layers.items() if lp.format == "bf16"]
+    samples = calib_samples[:max_samples] if max_samples else calib_samples
+    found = search_mixed_precision(model, samples, bits_budget, exclude=tuple(DEFAULT_EXCLUDE) + tuple(fixed),
+                                   method=method)
+    plan = PrecisionPlan(scheme="mixed")
+    why = f"sensitivity search ({method}), {bits_budget:g} bits/weight"
+    for n, lp in base.layers.items():
+        if n in found.formats:
+            f = found.formats[n]
+            plan.layers[n] = LayerPlan(f, f != "bf16", why)
+        else:
+            plan.layers[n] = lp
+    return plan, found
+
+
 __all__ = [
     "DEFAULT_CANDIDATES",
     "MixedPrecisionPlan",
@@ -531,6 +566,7 @@ __all__ = [
     "effective_bits",
     "estimate_sensitivity",
     "plan_from_sensitivity",
+    "ptq_precision_plan",
     "report_plan",
     "search_mixed_precision",
     "weight_bits",
