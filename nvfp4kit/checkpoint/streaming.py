@@ -76,11 +76,11 @@ def _tensor_amax(w: torch.Tensor, where: str, chunk: int = MAX_CHUNK_ELEMENTS) -
     amax = torch.zeros((), dtype=torch.float32)
     rows = _rows_per_chunk(w, chunk)
     for i in range(0, w.shape[0], rows):
-        part = w[i : i + rows].float()
+        part = w[i : i + rows]  # in its own dtype: abs and max are exact, no float32 copy needed
         if not bool(torch.isfinite(part).all()):
             raise CheckpointError(f"{where} contains NaN or inf values; it cannot be quantized (exclude it)")
         if part.numel():
-            amax = torch.maximum(amax, part.abs().amax())
+            amax = torch.maximum(amax, part.abs().amax().float())
     return amax
 
 
@@ -187,12 +187,16 @@ def quantize_checkpoint(
                     for m in members:
                         t = reader.get(f"{m}.weight")
                         N, K = t.shape
-                        if scheme == "nvfp4":
-                            lw = QuantizedLinearWeight("nvfp4", (N, K), nvfp4=quantize_nvfp4_rows(t, shared, backend, chunk))
-                        else:
-                            s = fp8_decode_scale(shared)
-                            lw = QuantizedLinearWeight("fp8", (N, K), fp8_weight=quantize_fp8_rows(t, s, chunk),
-                                                    fp8_weight_scale=s)
+                        try:
+                            if scheme == "nvfp4":
+                                parts = quantize_nvfp4_rows(t, shared, backend, chunk)
+                                lw = QuantizedLinearWeight("nvfp4", (N, K), nvfp4=parts)
+                            else:
+                                s = fp8_decode_scale(shared)
+                                lw = QuantizedLinearWeight("fp8", (N, K), fp8_weight=quantize_fp8_rows(t, s, chunk),
+                                                           fp8_weight_scale=s)
+                        except (ValueError, TypeError) as e:  # numerics refused the values
+                            raise CheckpointError(f"cannot quantize {reader.where(f'{m}.weight')}: {e}") from None
                         del t
                         w.linear(m, lw)
                         done.add(m)
