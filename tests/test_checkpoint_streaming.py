@@ -234,3 +234,13 @@ def test_streaming_peak_memory_about_one_shard(tmp_path):
     assert base > 50 * 2**20  # a real measurement (torch is imported)
     assert extra < 8 * shard, f"peak RSS grew by {extra / 2**20:.1f} MiB for 8 MiB shards"
     assert len(load_quantized(tmp_path / "q").linears) == 64
+
+
+def test_streaming_value_beyond_float32_names_tensor(tmp_path):
+    src = tmp_path / "src"
+    huge = torch.ones(16, 32, dtype=torch.float64)
+    huge[1, 2] = 1e300
+    make_checkpoint(src, layers=1, shards=1, dtype=torch.float32, extra={"model.layers.0.big_proj.weight": huge})
+    with pytest.raises(CheckpointError, match=r"cannot quantize tensor 'model\.layers\.0\.big_proj\.weight' in .*float32 range"):
+        quantize_checkpoint(src, tmp_path / "q", backend="torch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
