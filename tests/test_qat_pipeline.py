@@ -75,6 +75,7 @@ def test_run_exports_a_checkpoint_that_reads_back(tiny_dir, tmp_path, distill):
         run_qat(job)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
     from nvfp4kit.checkpoint import load_quantized
 
