@@ -63,4 +63,5 @@ def test_nemotron3_super_mixed_checkpoint_roundtrip(tmp_path):
     apply_quantized(ref, result.qmodel)
     ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+        # same quantized numbers; only float summation order may differ between the two module trees
+        torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
@@ -312,11 +311,11 @@ def test_cli_quantize_eval_inspect(model_dir, tmp_path):
 def test_demo_on_the_embedded_smollm2(tmp_path):
     from nvfp4kit.pipelines.demo import run_demo
 
-    r = run_demo(str(tmp_path / "demo"), "w4a4", "mse", calib_samples=4, seq_len=64, eval_tokens=256,
+    r = run_demo(str(tmp_path / "demo"), "w4a4", "max", calib_samples=4, seq_len=64, eval_tokens=256,
                  eval_seq_len=128)
     assert r.fp32.n_tokens == r.quantized.n_tokens == 254
     assert 1.0 < r.fp32.ppl < 100
     # NVFP4 W4A4 costs a little perplexity, not a collapse
-    assert r.fp32.ppl * 0.95 < r.quantized.ppl < r.fp32.ppl * 1.6
+    assert r.fp32.ppl * 0.95 < r.quantized.ppl < r.fp32.ppl * 1.7
     assert (r.path / "hf_quant_config.json").is_file()
     assert len(r.quantize.qmodel.linears) == 30 * 7

@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 
 from ..formats.e2m1 import E2M1_MAX, e2m1_decode, e2m1_round_nearest, pack_nibbles
-from ..formats.nvfp4 import BLOCK_SIZE, FOUR_OVER_SIX_RANGE, NVFP4Parts, block_amax, check_quantizable
+from ..formats.nvfp4 import BLOCK_SIZE, NVFP4Parts, check_quantizable
 from ..formats.scales import (
     E4M3_MAX,
-    NVFP4_RANGE,
     decode_from_encode,
     e4m3_rtne,
     global_encode_scale,
@@ -224,14 +223,8 @@ def fp8_scale_from_amax(amax) -> torch.Tensor:
     return torch.where(a > 0, a / E4M3_MAX, torch.ones_like(a))
 
 
-def global_range(method: str) -> float:
-    """The range the tensor amax maps to for this method (6*448, or 6*256 for Four Over Six)."""
-    return FOUR_OVER_SIX_RANGE if method == "4over6" else NVFP4_RANGE
-
-
 __all__ = [
     "WEIGHT_SCALE_METHODS",
-    "block_amax",
     "fp8_scale_from_amax",
     "fp8_weight",
     "gptq_weight_parts",

@@ -12,9 +12,9 @@ from .app import app
 def demo_cmd(
     out: str = typer.Option("nvfp4kit-demo/SmolLM2-135M-NVFP4", "--out", help="where the checkpoint is written"),
     scheme: str = typer.Option("w4a4", "--scheme", help="w4a4 | w4a16"),
-    weight_scale: str = typer.Option("mse", "--weight-scale", help="max | mse | 4over6 | gptq"),
+    weight_scale: str = typer.Option("gptq", "--weight-scale", help="max | mse | 4over6 | gptq"),
     format: str = typer.Option("modelopt", "--format", help="modelopt | compressed-tensors"),
-    calib_samples: int = typer.Option(32, "--calib-samples", help="calibration samples (built-in text)"),
+    calib_samples: int = typer.Option(16, "--calib-samples", help="calibration samples (built-in text)"),
     seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration sample"),
     eval_tokens: int = typer.Option(4096, "--eval-tokens", help="held-out tokens for perplexity"),
 ) -> None:

@@ -17,7 +17,7 @@ def quantize_cmd(
     out: str = typer.Option(..., "--out", help="output checkpoint folder (written atomically)"),
     format: str = typer.Option("modelopt", "--format", help="modelopt | compressed-tensors"),
     scheme: str = typer.Option("w4a4", "--scheme", help="w4a4 | w4a16 | fp8 | mixed"),
-    weight_scale: str = typer.Option("mse", "--weight-scale", help="max | mse | 4over6 | gptq"),
+    weight_scale: str = typer.Option("gptq", "--weight-scale", help="max | mse | 4over6 | gptq"),
     calib: Optional[str] = typer.Option(
         None, "--calib", help="calibration text: .txt/.jsonl/.json/.parquet/.csv file or folder (default: built-in)"),
     calib_samples: int = typer.Option(64, "--calib-samples", help="number of calibration samples"),

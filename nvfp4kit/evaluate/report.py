@@ -46,7 +46,7 @@ def layer_rows(qmodel: QuantizedModel, reference: dict[str, torch.Tensor] | None
             if ref is not None:
                 if tuple(ref.shape) != tuple(q.shape):
                     raise ValueError(f"{name}: reference weight shape {tuple(ref.shape)} != quantized {tuple(q.shape)}")
-                r = ref.double()
+                r = ref.detach().double()
                 denom = float(r.norm())
                 diff = float((dequantize_weight(q, torch.float64) - r).norm())
                 err = diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)

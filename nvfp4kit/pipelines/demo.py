@@ -24,7 +24,7 @@ class DemoResult:
     quantize: QuantizeResult
 
 
-def run_demo(out: str, scheme: str = "w4a4", weight_scale: str = "mse", format: str = "modelopt",
+def run_demo(out: str, scheme: str = "w4a4", weight_scale: str = "gptq", format: str = "modelopt",
              calib_samples: int = 32, seq_len: int = 256, eval_tokens: int = 4096,
              eval_seq_len: int = 512, overwrite: bool = True) -> DemoResult:
     loaded = load_source_model(None)

@@ -288,7 +288,7 @@ class QuantizeJob:
     out: str = "nvfp4kit-out"
     format: str = "modelopt"
     scheme: str = "w4a4"
-    weight_scale: str = "max"
+    weight_scale: str = "gptq"
     calib: str | None = None
     calib_samples: int = 64
     seq_len: int = 256
