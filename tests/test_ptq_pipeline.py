@@ -319,3 +319,19 @@ def test_demo_on_the_embedded_smollm2(tmp_path):
     assert r.fp32.ppl * 0.95 < r.quantized.ppl < r.fp32.ppl * 1.7
     assert (r.path / "hf_quant_config.json").is_file()
     assert len(r.quantize.qmodel.linears) == 30 * 7
+
+
+def test_weights_only_streaming_mode(model_dir, tmp_path):
+    from nvfp4kit.pipelines.quantize import run_streaming
+
+    path = run_streaming(QuantizeJob(model=str(model_dir), out=str(tmp_path / "s"), scheme="w4a16",
+                                     weight_scale="max"))
+    loaded = load_quantized_model(path)
+    src = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert len(loaded.quantized.linears) == 14
+    for name, rec in loaded.quantized.linears.items():
+        assert rec.format == "nvfp4" and rec.input_amax is None
+        w = src.get_submodule(name).weight.detach()
+        assert float((dequantize_weight(rec) - w).norm() / w.norm()) < 0.2
+    with pytest.raises(ValueError, match="weight-only"):
+        run_streaming(QuantizeJob(model=str(model_dir), out=str(tmp_path / "s2"), scheme="w4a4"))
