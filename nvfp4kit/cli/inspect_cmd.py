@@ -22,6 +22,7 @@ def inspect_cmd(
     plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG chart of the per-layer error"),
 ) -> None:
     """Format, shape, scale statistics and (with --against) relative weight error of each Linear."""
+    from ..evaluate.report import natural_key
     from ..pipelines.inspect import inspect_checkpoint
 
     try:
@@ -29,14 +30,14 @@ def inspect_cmd(
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     table = Table(title=f"{r.path} ({r.format}): {len(r.rows)} quantized Linears, {r.n_tensors} other tensors")
-    for c in ("module", "format", "shape", "global scale", "block scale min/mean/max", "input amax", "rel. error"):
-        table.add_column(c, justify="left" if c in ("module", "format") else "right")
-    for row in r.rows:
-        bs = "-" if row.block_scale_max is None else (
-            f"{row.block_scale_min:.3g}/{row.block_scale_mean:.3g}/{row.block_scale_max:.3g}")
-        table.add_row(row.name, row.format, "x".join(map(str, row.shape)), _f(row.global_scale), bs,
+    table.add_column("module", overflow="fold", min_width=24)
+    for c in ("format", "shape", "global scale", "block scale min", "mean", "max", "input amax", "rel. error"):
+        table.add_column(c, justify="left" if c == "format" else "right")
+    for row in sorted(r.rows, key=lambda x: natural_key(x.name)):
+        table.add_row(row.name, row.format, "x".join(map(str, row.shape)), _f(row.global_scale),
+                      _f(row.block_scale_min), _f(row.block_scale_mean), _f(row.block_scale_max),
                       _f(row.input_amax), _f(row.rel_error, ".4f"))
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     console.print(table)
     if r.exclude_modules:
         console.print(f"kept in high precision: {', '.join(r.exclude_modules[:12])}"

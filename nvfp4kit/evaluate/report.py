@@ -4,6 +4,7 @@ and a PNG chart of the per-layer error (matplotlib, Agg backend: no display need
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def layer_rows(qmodel: QuantizedModel, reference: dict[str, torch.Tensor] | None
     return rows
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def plot_layer_errors(rows: list[LayerRow], path: str | Path, title: str = "per-layer relative weight error") -> Path:
     """Bar chart of ``rel_error`` per layer (colour by format) written as PNG."""
     import matplotlib
@@ -61,23 +67,22 @@ def plot_layer_errors(rows: list[LayerRow], path: str | Path, title: str = "per-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r.rel_error is not None]
+    from matplotlib.patches import Patch
+
+    pts = sorted((r for r in rows if r.rel_error is not None), key=lambda r: natural_key(r.name))
     if not pts:
         raise ValueError("no layer has a reference error to plot (pass --against SOURCE)")
     colors = {"nvfp4": "tab:green", "fp8": "tab:blue", "bf16": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(pts) + 2), 4.0), dpi=100)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.08 * len(pts) + 2)), 4.0), dpi=100)
     ax.bar(range(len(pts)), [r.rel_error for r in pts], color=[colors.get(r.format, "tab:red") for r in pts])
-    ax.set_xlabel("layer (checkpoint order)")
+    ax.set_xlabel("layer (model order)")
     ax.set_ylabel("||W_q - W|| / ||W||")
     ax.set_title(title)
     step = max(1, len(pts) // 20)
     ax.set_xticks(range(0, len(pts), step))
     ax.set_xticklabels([pts[i].name.replace("model.layers.", "L") for i in range(0, len(pts), step)],
                        rotation=70, fontsize=6, ha="right")
-    for fmt, c in colors.items():
-        if any(r.format == fmt for r in pts):
-            ax.bar([], [], color=c, label=fmt)
-    ax.legend()
+    ax.legend(handles=[Patch(color=c, label=f) for f, c in colors.items() if any(r.format == f for r in pts)])
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
