@@ -257,6 +257,11 @@ class Mamba2Mixer(torch.nn.Module):
         dev = self.A_log.device
         if dev.type == "meta":
             return
+        # depthwise conv: torch's default range (fan_in = kernel width), drawn from the seeded generator
+        bound = 1.0 / math.sqrt(self.conv1d.weight.shape[-1])
+        self.conv1d.weight.copy_((torch.rand(self.conv1d.weight.shape, generator=generator) * 2 - 1) * bound)
+        if self.conv1d.bias is not None:
+            self.conv1d.bias.copy_((torch.rand(self.conv1d.bias.shape, generator=generator) * 2 - 1) * bound)
         self.A_log.copy_(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
         self.D.fill_(1.0)
         lo, hi = math.log(config.time_step_min), math.log(config.time_step_max)
