@@ -146,7 +146,7 @@ def main() -> None:
 
     gguf = embedded_model_path()
     loaded = load_source_model(gguf)
-    work = Path(tempfile.mkdtemp(prefix="nvfp4kit-bench-ptq-"))
+    work = Path(tempfile.mkdtemp(prefix="ptq-bench-work-"))
     # both tools' quantize runs start from the same fp32 HF folder (llm-compressor needs a config.json)
     src = work / "fp32"
     from transformers import AutoModelForCausalLM
@@ -192,10 +192,13 @@ def main() -> None:
 
     best = min((r for r in rows if r[0] == "nvfp4kit W4A4"), key=lambda r: r[2])
     timing = {}
-    print(f"child run: nvfp4kit quantize ({best[1]})", flush=True)
-    timing["nvfp4kit"] = run_child(sys.executable, OURS_CHILD, [str(src), str(work / "ours"), best[1],
-                                                                str(args.calib_samples), str(args.seq_len),
-                                                                str(args.threads)])
+    # like for like with llm-compressor's round-to-nearest (max), and the best method
+    for method in dict.fromkeys(["max", best[1]]):
+        print(f"child run: nvfp4kit quantize ({method})", flush=True)
+        timing[f"nvfp4kit W4A4 {method}"] = run_child(
+            sys.executable, OURS_CHILD,
+            [str(src), str(work / f"ours-{method}"), method, str(args.calib_samples), str(args.seq_len),
+             str(args.threads)])
     llmc = None
     if not args.skip_llmc:
         save_file({"input_ids": samples.contiguous()}, str(work / "samples.safetensors"))
@@ -230,12 +233,13 @@ def main() -> None:
                  "the quantize time column is the weight-quantization step after it (llm-compressor: its "
                  "whole `oneshot`, which includes its calibration).")
     lines.append("")
-    lines.append("Complete quantize runs (fresh process: load, calibrate, quantize, write):")
+    lines.append("Complete quantize runs (fresh process: load, calibrate, quantize, write; the calibration "
+                 "tokens are the same for both tools; times are wall-clock on this machine, which may be shared):")
     lines.append("")
     lines.append("| tool | wall time (s) | peak RSS (MiB) |")
     lines.append("|---|---:|---:|")
     for tool, t in timing.items():
-        label = f"nvfp4kit W4A4 {best[1]}" if tool == "nvfp4kit" else f"llm-compressor {t.get('version', '')} NVFP4"
+        label = f"llm-compressor {t['version']} NVFP4 (RTN)" if tool == "llm-compressor" else tool
         lines.append(f"| {label} | {t['wall_s']:.1f} | {t['peak_rss_mb']:.0f} |")
     if llmc is not None:
         gap_ours = best[2] / fp32 - 1
