@@ -335,3 +335,47 @@ def test_weights_only_streaming_mode(model_dir, tmp_path):
         assert float((dequantize_weight(rec) - w).norm() / w.norm()) < 0.2
     with pytest.raises(ValueError, match="weight-only"):
         run_streaming(QuantizeJob(model=str(model_dir), out=str(tmp_path / "s2"), scheme="w4a4"))
+
+
+@pytest.mark.parametrize("budget", [4.5, 6.0])
+def test_cli_mixed_precision_under_a_bits_budget(model_dir, tmp_path, budget):
+    """--scheme mixed --bits-budget: the written checkpoint's formats are the searched ones, and the
+    weights they cover average at most the budget (counted here from the shapes: 4.5 / 8 / 16 bits)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import nvfp4kit.cli.quantize_cmd  # noqa: F401
+    from nvfp4kit.cli.app import app
+
+    out = tmp_path / f"mixed-{budget}"
+    res = CliRunner().invoke(app, ["quantize", "--model", str(model_dir), "--out", str(out), "--scheme", "mixed",
+                                   "--bits-budget", str(budget), "--weight-scale", "max",
+                                   "--calib", str(model_dir / "calib.txt"), "--calib-samples", "2", "--seq-len", "32"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "mixed_precision.json").read_text())
+    bits = {"nvfp4": 4.5, "fp8": 8.0, "bf16": 16.0}
+    weights = {n: s[0] * s[1] for n, s in plan["shapes"].items()}
+    avg = sum(weights[n] * bits[f] for n, f in plan["formats"].items()) / sum(weights[n] for n in plan["formats"])
+    assert avg <= budget + 1e-9
+    if budget == 4.5:
+        assert set(plan["formats"].values()) == {"nvfp4"}
+    else:
+        assert avg > 4.5  # room to spend: the search gives some layers more bits
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    algo = {"nvfp4": "NVFP4", "fp8": "FP8"}
+    used = {f for f in plan["formats"].values() if f != "bf16"}
+    if len(used) == 1:  # one quantized format: a plain NVFP4 (or FP8) checkpoint with exclusions
+        assert quant["quant_algo"] == algo[used.pop()]
+    else:
+        assert quant["quant_algo"] == "MIXED_PRECISION"
+        for name, fmt in plan["formats"].items():
+            if fmt == "bf16":
+                assert name not in quant["quantized_layers"]
+            else:
+                assert quant["quantized_layers"][name]["quant_algo"] == algo[fmt]
+    bad = CliRunner().invoke(app, ["quantize", "--model", str(model_dir), "--out", str(tmp_path / "y"),
+                                   "--scheme", "w4a4", "--bits-budget", "5", "--weight-scale", "max",
+                                   "--calib", str(model_dir / "calib.txt"), "--calib-samples", "2", "--seq-len", "32"])
+    assert bad.exit_code != 0 and "--scheme mixed" in bad.output
+    assert not (tmp_path / "y").exists()

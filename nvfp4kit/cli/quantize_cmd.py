@@ -25,6 +25,10 @@ def quantize_cmd(
     exclude: Optional[List[str]] = typer.Option(
         None, "--exclude", help="fnmatch pattern of modules kept in high precision (repeatable)"),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="precision preset, e.g. nemotron3-super"),
+    bits_budget: Optional[float] = typer.Option(
+        None, "--bits-budget",
+        help="with --scheme mixed: choose NVFP4 / FP8 / BF16 per Linear by measured sensitivity under this "
+             "average bits per weight (NVFP4 counts 4.5 with its scales, FP8 8, BF16 16), e.g. 4.75"),
     weights_only_streaming: bool = typer.Option(
         False, "--weights-only-streaming",
         help="weight-only (W4A16 / FP8 weights) conversion one tensor at a time, without loading the model"),
@@ -36,7 +40,7 @@ def quantize_cmd(
     console = Console()
     job = QuantizeJob(model=model, out=out, format=format, scheme=scheme, weight_scale=weight_scale, calib=calib,
                       calib_samples=calib_samples, seq_len=seq_len, exclude=tuple(exclude or ()), recipe=recipe,
-                      overwrite=overwrite)
+                      overwrite=overwrite, bits_budget=bits_budget)
     try:
         if weights_only_streaming:
             path = run_streaming(job)

@@ -158,13 +158,15 @@ def quantize_model(
     batch_size: int = 1,
     forward=None,
     stats: dict[str, LinearStats] | None = None,
+    plan: PrecisionPlan | None = None,
 ) -> QuantizeResult:
     """Quantize ``model``'s Linears in memory (the model itself is left numerically unchanged).
 
     ``samples``: ``[n, L]`` calibration token ids; required when some input gets a static scale
     (w4a4, fp8, mixed) or ``weight_scale == "gptq"``. ``stats``: calibration statistics from an
     earlier :func:`calibrate` of this model (with Hessians for gptq), to quantize several ways
-    from one calibration run; then ``samples`` is not needed.
+    from one calibration run; then ``samples`` is not needed. ``plan``: a precision plan resolved
+    beforehand (e.g. by the mixed-precision search); it replaces ``scheme``/``exclude``/``recipe``.
     """
     if weight_scale not in WEIGHT_SCALE_METHODS:
         raise ValueError(f"--weight-scale must be one of {', '.join(WEIGHT_SCALE_METHODS)}, got {weight_scale!r}")
@@ -173,7 +175,12 @@ def quantize_model(
     if unfused:
         progress.log(f"split {len(unfused)} fused expert modules into per-expert Linears")
     shapes = linear_shapes(model)
-    plan = plan_precision(shapes, scheme, exclude, recipe)
+    if plan is None:
+        plan = plan_precision(shapes, scheme, exclude, recipe)
+    else:
+        unknown = sorted(set(plan.layers) - set(shapes))
+        if unknown:
+            raise ValueError(f"the precision plan names modules the model lacks: {', '.join(unknown[:5])}")
     quantized = plan.quantized()
     if not quantized:
         raise ValueError("nothing to quantize: every Linear is excluded (check --exclude / --recipe)")
@@ -295,6 +302,7 @@ class QuantizeJob:
     exclude: tuple[str, ...] = ()
     recipe: str | None = None
     overwrite: bool = False
+    bits_budget: float | None = None  # with scheme "mixed": search formats per Linear under this budget
 
 
 def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.PathLike, fmt: str,
@@ -330,12 +338,31 @@ def run_quantize(job: QuantizeJob, loaded: LoadedModel | None = None) -> tuple[Q
         if samples.shape[0] < job.calib_samples:
             progress.log(f"calibration text gave {samples.shape[0]} samples of {job.seq_len} tokens "
                          f"(asked for {job.calib_samples})")
-    result = quantize_model(loaded.model, samples, job.scheme, job.weight_scale, job.exclude, job.recipe)
+    plan = search = None
+    if job.bits_budget is not None:
+        plan, search = _searched_plan(job, loaded.model, samples)
+    result = quantize_model(loaded.model, samples, job.scheme, job.weight_scale, job.exclude, job.recipe, plan=plan)
     t0 = time.perf_counter()
     path = save_checkpoint(result, loaded, job.out, job.format, job.overwrite)
+    if search is not None:
+        search.save(path / "mixed_precision.json")
     result.seconds["write"] = time.perf_counter() - t0
     result.seconds["total"] = time.perf_counter() - t_start
     return result, path
+
+
+def _searched_plan(job: QuantizeJob, model: nn.Module, samples: torch.Tensor):
+    """The ``--scheme mixed --bits-budget B`` plan: per-Linear formats from the sensitivity search."""
+    from ..calibrate.mixed import ptq_precision_plan, report_plan
+
+    if job.scheme != "mixed":
+        raise ValueError(f"--bits-budget chooses formats per Linear: use it with --scheme mixed, not {job.scheme!r}")
+    if job.recipe is not None:
+        raise ValueError("--bits-budget and --recipe both choose the precision map: give one of them")
+    unfuse_experts(model)  # the search and the quantizer must see the same Linear names
+    plan, search = ptq_precision_plan(model, samples, job.bits_budget, job.exclude)
+    report_plan(search)
+    return plan, search
 
 
 def run_streaming(job: QuantizeJob) -> Path:
