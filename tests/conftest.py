@@ -24,3 +24,15 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny-tensor test modules run on one thread: OpenMP barriers cost more than they save there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

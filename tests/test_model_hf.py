@@ -21,12 +21,7 @@ pytest.importorskip("transformers")
 from nvfp4kit.model import build_model, save_pretrained  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _hf_from_dir(path):

@@ -13,12 +13,7 @@ from nvfp4kit.model import (CheckpointError, Linear, build_model, iter_linears, 
 from nvfp4kit.model.io import INDEX_NAME, read_header_shapes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

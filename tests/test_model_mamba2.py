@@ -14,13 +14,7 @@ from nvfp4kit.model.norms import GatedGroupRMSNorm
 from nvfp4kit.model.presets import get_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny tensors: one thread avoids OpenMP barrier costs on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 
