@@ -54,12 +54,12 @@ def write_section(body: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=16, help="QAT/QAD optimizer steps")
+    ap.add_argument("--steps", type=int, default=32, help="QAT/QAD optimizer steps")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr-qat", type=float, default=3e-5)
     ap.add_argument("--lr-qad", type=float, default=3e-5)
-    ap.add_argument("--eval-windows", type=int, default=6, help="held-out windows of --seq-len tokens")
+    ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of --seq-len tokens")
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--sens-windows", type=int, default=2, help="windows for the mixed-precision sensitivities")
     ap.add_argument("--budgets", type=float, nargs="+", default=[4.5, 4.75, 5.5])
