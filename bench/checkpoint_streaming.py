@@ -26,6 +26,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from results import write_results_section  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "checkpoint_streaming"
@@ -160,19 +161,6 @@ def agreement(a: Path, b: Path) -> tuple[float, float]:
     return same / max(total, 1), worst
 
 
-def write_section(text: str) -> None:
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    block = f"{begin}\n{text}\n{end}"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(RESULTS)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=2)
@@ -261,7 +249,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section("## Streaming checkpoint quantization\n\n" + text)
+        write_results_section(SECTION, "## Streaming checkpoint quantization\n\n" + text)
     return 0
 
 

@@ -29,6 +29,7 @@ from nvfp4kit.formats import gemm as ref_gemm  # noqa: E402
 from nvfp4kit.formats import mx as ref_mx  # noqa: E402
 from nvfp4kit.formats import nvfp4 as ref  # noqa: E402
 from nvfp4kit.kernels import triton_nvfp4 as tk  # noqa: E402
+from results import write_results_section  # noqa: E402
 
 SECTION = "kernels"
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -199,19 +200,6 @@ def table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    block = f"{begin}\n{text}\n{end}"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(RESULTS)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=8192, help="square input size on CUDA (default 8192)")
@@ -228,7 +216,7 @@ def main(argv=None) -> int:
             + table(header, rows))
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_results_section(SECTION, text)
     return 0 if all("NO" not in r for r in rows) else 1
 
 

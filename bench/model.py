@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from results import write_results_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "model"
@@ -229,9 +230,9 @@ def info_rows(preset: str):
     cli = subprocess.run([sys.executable, "-m", "nvfp4kit.cli", "model", "info", "--preset", preset],
                          capture_output=True, text=True)
     cli_wall = time.perf_counter() - t
-    rows.append([f"nvfp4kit count_parameters (meta)", f"{build:.2f}", f"{wall:.2f}", f"{rss:,.0f}",
+    rows.append(["nvfp4kit count_parameters (meta)", f"{build:.2f}", f"{wall:.2f}", f"{rss:,.0f}",
                  f"{total / 1e9:.2f}B / {active / 1e9:.2f}B"])
-    rows.append([f"`nvfp4kit model info` (whole command)", "", f"{cli_wall:.2f}",
+    rows.append(["`nvfp4kit model info` (whole command)", "", f"{cli_wall:.2f}",
                  "", "ok" if cli.returncode == 0 else f"exit {cli.returncode}"])
     try:
         wall_h, build_h, rss_h, total_h, _ = run_snippet(THEIRS.format(preset=preset))
@@ -255,20 +256,6 @@ def print_table(title, columns, rows):
     print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-
-
-def write_section(body: str) -> None:
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = RESULTS.with_suffix(f".md.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
 
 
 def main(argv=None) -> int:
@@ -316,7 +303,7 @@ def main(argv=None) -> int:
             "",
             markdown(icols, irows),
         ]
-        write_section("\n".join(body))
+        write_results_section(SECTION, "\n".join(body))
         print(f"wrote the '{SECTION}' section of {RESULTS}")
     return 0
 

@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from results import write_results_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -111,17 +112,6 @@ def run_child(python: str, code: str, args: list[str], timeout: int = 3600) -> d
     out = json.loads(lines[-1][len("RESULT "):])
     out["wall_s"] = wall
     return out
-
-
-def write_section(text: str) -> None:
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
-    if begin in old and end in old:
-        new = re.sub(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", lambda m: block, old, flags=re.S)
-    else:
-        new = old.rstrip() + "\n\n" + block
-    RESULTS.write_text(new, encoding="utf-8")
 
 
 def main() -> None:
@@ -253,7 +243,7 @@ def main() -> None:
         )
     text = "\n".join(lines)
     print("\n" + text)
-    write_section(text)
+    write_results_section(SECTION, text)
     shutil.rmtree(work, ignore_errors=True)
 
 

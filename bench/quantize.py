@@ -36,6 +36,7 @@ import torch
 import nvfp4kit
 from nvfp4kit.formats.nvfp4 import quantize_parts as reference_parts
 from nvfp4kit.kernels import cpu, dispatch
+from results import write_results_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "quantize"
@@ -187,21 +188,6 @@ def markdown(columns, rows) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = RESULTS.with_suffix(f".md.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192], help="square matrix sizes")
@@ -244,7 +230,7 @@ def main(argv=None) -> int:
             markdown(ccols, crows),
         ]
     if not args.no_write:
-        write_section("\n".join(body))
+        write_results_section(SECTION, "\n".join(body))
         print(f"wrote the '{SECTION}' section of {RESULTS}")
     return 0
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,22 +32,10 @@ from nvfp4kit.calibrate.data import builtin_text, tokenize
 from nvfp4kit.calibrate.mixed import search_mixed_precision, estimate_sensitivity
 from nvfp4kit.calibrate.qat import calibrate_input_amax, frozen_teacher, prepare_qat, set_formats
 from nvfp4kit.pipelines.qat import QATJob, load_model_and_tokenizer, mean_loss, train_qat
+from results import write_results_section  # noqa: E402
 
 SECTION = "recover"
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def write_section(body: str) -> None:
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# nvfp4kit benchmark results\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
 
 
 def main() -> None:
@@ -135,7 +121,7 @@ def main() -> None:
         if not partial:
             print(body)
         if not args.no_write:
-            write_section(body)
+            write_results_section(SECTION, body)
 
     evaluate("fp32", model)
     teacher = frozen_teacher(model)

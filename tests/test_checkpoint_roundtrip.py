@@ -294,3 +294,21 @@ def test_tied_tensors_and_zero_weight(tmp_path, fmt):
     assert torch.equal(back.tensors["lm_head.weight"], emb) and torch.equal(back.tensors["model.norm.weight"], emb[0])
     for n in m.linears:
         assert torch.equal(dequantize_linear(back.linears[n], torch.float32), torch.zeros(16, 32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_summary_names_every_scheme_including_weight_only_fp8(tmp_path, fmt):
+    """summarize_checkpoint reads each Linear's scheme from headers alone: W4A4 and W4A16 NVFP4,
+    W8A8 FP8 and weight-only FP8 (no input scale)."""
+    from nvfp4kit.checkpoint import summarize_checkpoint
+
+    m = QuantizedModel(config={"model_type": "llama", "hidden_size": 32})
+    m.linears["a"] = nvfp4_linear(32, 32, 1, input_amax=2.0)
+    m.linears["b"] = nvfp4_linear(32, 32, 2, input_amax=None)
+    m.linears["c"] = fp8_linear(32, 32, 3, input_amax=2.0)
+    m.linears["d"] = fp8_linear(32, 32, 4, input_amax=None)
+    save_quantized(m, tmp_path / "s", format=fmt)
+    s = summarize_checkpoint(tmp_path / "s")
+    assert {n: v[0] for n, v in s.linears.items()} == {
+        "a": "nvfp4", "b": "nvfp4-w4a16", "c": "fp8", "d": "fp8-w8a16"}
+    assert all(v[1] == (32, 32) for v in s.linears.values())

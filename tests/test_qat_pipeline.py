@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 
-from nvfp4kit.calibrate.qat import fake_quant_modules
 from nvfp4kit.pipelines.qat import QATJob, load_model_and_tokenizer, lr_at, run_qat, split_tokens, window
 
 transformers = pytest.importorskip("transformers")

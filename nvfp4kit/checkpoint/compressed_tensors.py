@@ -28,6 +28,7 @@ from ..formats.scales import decode_from_encode, encode_from_decode
 from .errors import CheckpointError
 from .layout import (
     FP8,
+    FP8_W8A16,
     FP8_RANGE,
     NVFP4,
     NVFP4_ACT_RANGE,

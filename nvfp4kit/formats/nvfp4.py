@@ -247,7 +247,7 @@ def transpose_2d_parts(parts: NVFP4Parts) -> NVFP4Parts:
     if parts.block != BLOCK_2D:
         raise ValueError("transpose_2d_parts: only 16x16-block tensors transpose exactly")
     codes = unpack_nibbles(parts.packed)
-    M, K = codes.shape[-2], codes.shape[-1]
+    M = codes.shape[-2]
     if M % BLOCK_SIZE:
         raise ValueError(
             f"transpose: a 16x16-block tensor of shape {tuple(codes.shape)} has a partial row tile; "

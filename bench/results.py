@@ -1,0 +1,26 @@
+"""Shared by the benchmark scripts: each one owns a section of ``bench/RESULTS.md``.
+
+A section is the text between ``<!-- begin NAME -->`` and ``<!-- end NAME -->``; writing it replaces
+only that section (or appends it), through a temporary file renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def write_results_section(section: str, body: str, path: Path = RESULTS) -> None:
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
