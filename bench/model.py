@@ -15,7 +15,6 @@ import argparse
 import datetime as _dt
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,21 +23,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from results import write_results_section  # noqa: E402
+from results import timeit, write_results_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "model"
-
-
-def timeit(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def machine() -> str:

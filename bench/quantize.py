@@ -25,9 +25,7 @@ import argparse
 import datetime as _dt
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -36,22 +34,11 @@ import torch
 import nvfp4kit
 from nvfp4kit.formats.nvfp4 import quantize_parts as reference_parts
 from nvfp4kit.kernels import cpu, dispatch
-from results import write_results_section  # noqa: E402
+from results import timeit, write_results_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "quantize"
 
-
-def timeit(fn, warmup: int, repeats: int) -> float:
-    """Median wall time in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def with_threads(n: int, fn):

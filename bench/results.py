@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: each one owns a section of ``bench/RESULTS.md``.
+"""Shared by the benchmark scripts: a median timer, and the writer of each script's own section of
+``bench/RESULTS.md``.
 
 A section is the text between ``<!-- begin NAME -->`` and ``<!-- end NAME -->``; writing it replaces
 only that section (or appends it), through a temporary file renamed into place.
@@ -7,6 +8,8 @@ only that section (or appends it), through a temporary file renamed into place.
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -24,3 +27,15 @@ def write_results_section(section: str, body: str, path: Path = RESULTS) -> None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def timeit(fn, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
