@@ -379,3 +379,19 @@ def test_cli_mixed_precision_under_a_bits_budget(model_dir, tmp_path, budget):
                                    "--calib", str(model_dir / "calib.txt"), "--calib-samples", "2", "--seq-len", "32"])
     assert bad.exit_code != 0 and "--scheme mixed" in bad.output
     assert not (tmp_path / "y").exists()
+
+
+def test_output_folder_checked_before_work_and_parents_created(model_dir, tmp_path, monkeypatch):
+    """`--out a/b/c` works when a/b does not exist yet (as the demo's default path needs); an existing
+    output is refused before the model is even loaded."""
+    import nvfp4kit.pipelines.quantize as qp
+
+    job = qp.QuantizeJob(model=str(model_dir), out=str(tmp_path / "new" / "deeper" / "ckpt"), scheme="w4a16",
+                         weight_scale="max")
+    _, path = qp.run_quantize(job)
+    assert path == tmp_path / "new" / "deeper" / "ckpt" and (path / "hf_quant_config.json").is_file()
+    loads = []
+    monkeypatch.setattr(qp, "load_source_model", lambda *a, **k: loads.append(a))
+    with pytest.raises(FileExistsError, match="already exists"):
+        qp.run_quantize(job)
+    assert loads == []

@@ -390,9 +390,10 @@ def run_qat(job: QATJob) -> QATResult:
     """The whole ``nvfp4kit qat`` job: load, fake-quantize, calibrate, train, export."""
     job.check()
     t_start = time.perf_counter()
+    from .quantize import prepare_output_dir
+
     out = Path(job.out)
-    if out.exists() and not job.overwrite:
-        raise FileExistsError(f"--out {job.out!r} already exists (pass --overwrite to replace it)")
+    prepare_output_dir(out, job.overwrite)
     with progress.task("loading model", total=1) as t:
         model, tok = load_model_and_tokenizer(job.model)
         t.advance(1)

@@ -326,8 +326,7 @@ def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.P
 def run_quantize(job: QuantizeJob, loaded: LoadedModel | None = None) -> tuple[QuantizeResult, Path]:
     """Load, calibrate, quantize and write; returns the result and the checkpoint folder."""
     t_start = time.perf_counter()
-    if Path(job.out).exists() and not job.overwrite:
-        raise FileExistsError(f"--out {job.out!r} already exists (pass --overwrite to replace it)")
+    prepare_output_dir(job.out, job.overwrite)
     loaded = loaded or load_source_model(job.model)
     samples = None
     needs_calib = job.scheme != "w4a16" or job.weight_scale == "gptq"
@@ -365,6 +364,18 @@ def _searched_plan(job: QuantizeJob, model: nn.Module, samples: torch.Tensor):
     return plan, search
 
 
+def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail before any work if ``out`` cannot be written; create its parent folders (the checkpoint
+    itself is written to a temporary folder beside it and renamed when complete)."""
+    from ..checkpoint.writer import check_output_dir
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} already exists (pass --overwrite to replace it)")
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    return check_output_dir(out, overwrite)
+
+
 def run_streaming(job: QuantizeJob) -> Path:
     """Weight-only quantization one tensor at a time (no model in memory, no calibration)."""
     from ..checkpoint import quantize_checkpoint
@@ -377,5 +388,6 @@ def run_streaming(job: QuantizeJob) -> Path:
                      f"--weight-scale {job.weight_scale} does not apply")
     if job.model is None or not Path(job.model).is_dir():
         raise ValueError("--weights-only-streaming needs --model pointing at a safetensors model folder")
+    prepare_output_dir(job.out, job.overwrite)
     return Path(quantize_checkpoint(job.model, job.out, "nvfp4" if job.scheme == "w4a16" else "fp8",
                                     job.exclude, format=job.format, overwrite=job.overwrite))
