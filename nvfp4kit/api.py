@@ -17,6 +17,7 @@ def quantize(
     global_amax=None,
     scale_rule: ScaleRule = "max",
     backend: Backend = "auto",
+    name: str = "input",
 ) -> NVFP4Tensor:
     """Quantize a floating tensor to NVFP4.
 
@@ -30,13 +31,14 @@ def quantize(
             values beyond it saturate.
         scale_rule: ``"max"`` (block max maps to 6) or ``"4over6"`` (Four Over Six).
         backend: ``"auto"``, ``"torch"`` (reference), ``"compiled"`` (fused CPU) or ``"triton"`` (CUDA).
+        name: what to call ``x`` in error messages (e.g. the module or checkpoint tensor name).
 
     Returns:
         An :class:`NVFP4Tensor` with ``x``'s shape and dtype (float32 for float64 input); ``.packed``, ``.block_scale`` and
         ``.global_scale`` (decode direction, amax / 2688) hold the parts.
     """
     with torch.no_grad():
-        parts = quantize_parts(x, tuple(block), rounding, generator, global_amax, scale_rule, backend)
+        parts = quantize_parts(x, tuple(block), rounding, generator, global_amax, scale_rule, backend, name)
     return NVFP4Tensor.from_parts(parts, dtype=x.dtype if x.dtype != torch.float64 else torch.float32)
 
 

@@ -159,3 +159,13 @@ def test_tiny_tensors_follow_the_canonical_order(amax):
     q = nk.quantize(x)
     assert_matches_ref(q, ref_quantize(x))
     assert torch.isfinite(q.dequantize()).all()
+
+
+def test_errors_name_the_tensor_when_told():
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.mlp\.up_proj\.weight: last dim"):
+        nk.quantize(torch.randn(4, 20), name="model.layers.0.mlp.up_proj.weight")
+    bad = torch.randn(2, 16)
+    bad[1, 3] = float("nan")
+    for backend in ("torch", "auto"):
+        with pytest.raises(ValueError, match=r"^act: contains NaN"):
+            nk.quantize(bad, name="act", backend=backend)
