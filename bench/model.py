@@ -23,22 +23,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from results import timeit, write_results_section  # noqa: E402
+from results import cpu_model, timeit, write_results_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "model"
 
 
 def machine() -> str:
-    model = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     load = ", load average %.1f/%.1f/%.1f at the end" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     import transformers
 

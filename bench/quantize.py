@@ -34,7 +34,7 @@ import torch
 import nvfp4kit
 from nvfp4kit.formats.nvfp4 import quantize_parts as reference_parts
 from nvfp4kit.kernels import cpu, dispatch
-from results import timeit, write_results_section  # noqa: E402
+from results import cpu_model, timeit, write_results_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "quantize"
@@ -86,15 +86,7 @@ def version(mod: str) -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     load = ""
     if hasattr(os, "getloadavg"):
         load = ", load average %.1f/%.1f/%.1f at the end" % os.getloadavg()
