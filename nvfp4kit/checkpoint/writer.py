@@ -39,6 +39,10 @@ COPY_PATTERNS = (
     "*.py",
     "README*",
     "LICENSE*",
+    # sentence-transformers: the module list and its settings (module folders: see module_dirs)
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 )
 
 
@@ -75,6 +79,39 @@ def files_to_copy(source_dir) -> list[Path]:
         if p.is_file() and any(p.match(pat) for pat in COPY_PATTERNS):
             out.append(p)
     return out
+
+
+def module_dirs(source_dir) -> list[Path]:
+    """Sub-folders a sentence-transformers ``modules.json`` names (e.g. ``1_Pooling``, ``2_Normalize``)."""
+    src = Path(source_dir)
+    try:
+        modules = json.loads((src / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for m in modules if isinstance(modules, list) else []:
+        path = m.get("path") if isinstance(m, dict) else None
+        if path and (src / path).is_dir() and (src / path).resolve().parent == src.resolve():
+            out.append(src / path)
+    return out
+
+
+def copy_companion_files(source_dir, dest_dir, skip=()) -> list[str]:
+    """Copy the non-weight files of a model folder (tokenizer, generation config, model card, licence,
+    sentence-transformers modules) into ``dest_dir``, keeping files already there; returns their names."""
+    dest = Path(dest_dir)
+    copied = []
+    for p in files_to_copy(source_dir):
+        if p.name in skip or (dest / p.name).exists():
+            continue
+        shutil.copy2(p, dest / p.name)
+        copied.append(p.name)
+    for d in module_dirs(source_dir):
+        if d.name in skip or (dest / d.name).exists():
+            continue
+        shutil.copytree(d, dest / d.name)
+        copied.append(d.name)
+    return copied
 
 
 def check_output_dir(out_dir, overwrite: bool = False, sources=()) -> Path:
@@ -203,15 +240,9 @@ class ShardedWriter:
             f.write("\n")
 
     def copy_from(self, source_dir, skip=()) -> list[str]:
-        """Copy tokenizer / generation / model-card files of ``source_dir``; returns their names."""
-        tmp = self._need_open()
-        copied = []
-        for p in files_to_copy(source_dir):
-            if p.name in skip or (tmp / p.name).exists():
-                continue
-            shutil.copy2(p, tmp / p.name)
-            copied.append(p.name)
-        return copied
+        """Copy tokenizer / generation / model-card / sentence-transformers files of ``source_dir``;
+        returns their names."""
+        return copy_companion_files(source_dir, self._need_open(), skip)
 
     # ------------------------------------------------------------------ finish
 

@@ -1,4 +1,8 @@
-"""Perplexity of a high-precision or quantized model on a text (the job behind ``nvfp4kit eval``).
+"""Quality of a high-precision or quantized model on a text (the job behind ``nvfp4kit eval``).
+
+Causal LMs are measured by perplexity (and, given a reference model, the gap to it). Encoders
+(e.g. a sentence-transformers ``BertModel``) are measured by the cosine similarity of their sentence
+embeddings to those of a reference model (:mod:`nvfp4kit.evaluate.embedding`), so they need one.
 
 Quantized checkpoints (modelopt HF or compressed-tensors) are loaded into the architecture named by
 their ``config.json`` with every quantized Linear emulated (:mod:`nvfp4kit.evaluate.emulation`):
@@ -19,16 +23,19 @@ from .. import progress
 from ..calibrate.data import load_text, tokenize
 from ..calibrate.moe import unfuse_experts
 from ..evaluate.emulation import apply_quantized
+from ..evaluate.embedding import EmbeddingSimilarity, compare_embeddings, embed, pooling_mode, split_sentences
 from ..evaluate.perplexity import Perplexity, perplexity
+from .hf_models import CAUSAL_LM, ENCODER, max_positions
 from .quantize import LoadedModel, is_quantized_checkpoint, load_source_model
 
 
 def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                          quantize_inputs: bool = True) -> LoadedModel:
     """An HF model built from a quantized checkpoint's config, its quantized Linears emulated."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from ..checkpoint import load_quantized
+    from .hf_models import hf_model_class
 
     p = Path(path)
     if qm_is_hybrid(p):
@@ -38,7 +45,8 @@ def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
         config = AutoConfig.from_pretrained(str(p))
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model_class = hf_model_class(config)
+        model = model_class.from_config(config, dtype)
         unfuse_experts(model)
         apply_quantized(model, qm, dtype, quantize_inputs)
         result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in qm.tensors.items()},
@@ -56,7 +64,7 @@ def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
         tok = AutoTokenizer.from_pretrained(str(p))
         t.advance(1)
     model.eval()
-    return LoadedModel(model, tok, str(p), "quantized", qm)
+    return LoadedModel(model, tok, str(p), "quantized", qm, task=model_class.kind)
 
 
 def qm_is_hybrid(path: Path) -> bool:
@@ -99,16 +107,63 @@ def load_model(path: str | os.PathLike | None, dtype: torch.dtype = torch.float3
 @dataclass
 class EvalResult:
     model: str
-    kind: str
-    result: Perplexity
+    kind: str  # how the model was loaded: hf, gguf, hybrid, quantized
+    task: str  # CAUSAL_LM or ENCODER
+    result: Perplexity | None  # causal LMs
     seconds: float
+    reference: str | None = None
+    reference_result: Perplexity | None = None  # causal LMs, with a reference
+    similarity: EmbeddingSimilarity | None = None  # encoders
+
+    @property
+    def ppl_gap(self) -> float | None:
+        """Relative perplexity increase over the reference (0.05 = +5%)."""
+        if self.result is None or self.reference_result is None:
+            return None
+        return self.result.ppl / self.reference_result.ppl - 1.0
 
 
 def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max_tokens: int | None = None,
-             loaded: LoadedModel | None = None, weight_only: bool = False) -> EvalResult:
-    """Perplexity of ``model`` on ``text`` (a file, a dataset file, or the built-in evaluation text)."""
+             loaded: LoadedModel | None = None, weight_only: bool = False, against: str | None = None,
+             max_sentences: int = 256) -> EvalResult:
+    """Evaluate ``model`` on ``text`` (a file, a dataset file, or the built-in evaluation text).
+
+    Causal LMs: perplexity over windows of ``seq_len`` tokens (and the reference's, with ``against``).
+    Encoders: embedding cosine similarity to ``against`` (required) over up to ``max_sentences``
+    sentences, each truncated to ``seq_len`` tokens.
+    """
     loaded = loaded or load_model(model, quantize_inputs=not weight_only)
-    ids = tokenize(loaded.tokenizer, load_text(text, "eval"))
+    if loaded.tokenizer is None:
+        raise ValueError(f"--model {loaded.source!r} has no tokenizer files, needed to tokenize the evaluation text")
+    source_text = load_text(text, "eval")
     t0 = time.perf_counter()
+    if loaded.task == ENCODER:
+        if against is None:
+            raise ValueError(f"--model {loaded.source!r} is an encoder ({type(loaded.model).__name__}): it is "
+                             "evaluated by the similarity of its sentence embeddings to a reference model's; "
+                             "pass --against REFERENCE (e.g. the model it was quantized from)")
+        ref = load_model(against)
+        if ref.task != ENCODER:
+            raise ValueError(f"--against {against!r} is a causal LM but --model {loaded.source!r} is an encoder")
+        sentences = split_sentences(source_text, max_sentences)
+        limit = min(seq_len, *(m for m in (max_positions(loaded.model), max_positions(ref.model)) if m))
+        mode = pooling_mode(against if Path(against).is_dir() else None)
+        emb = embed(loaded.model, loaded.tokenizer, sentences, limit, mode, desc=f"embedding ({loaded.kind})")
+        ref_emb = embed(ref.model, ref.tokenizer or loaded.tokenizer, sentences, limit, mode,
+                        desc=f"embedding ({ref.kind})")
+        return EvalResult(loaded.source, loaded.kind, ENCODER, None, time.perf_counter() - t0, ref.source,
+                          similarity=compare_embeddings(emb, ref_emb))
+    ids = tokenize(loaded.tokenizer, source_text)
     res = perplexity(loaded.model, ids, seq_len, max_tokens, desc=f"perplexity ({loaded.kind})")
-    return EvalResult(loaded.source, loaded.kind, res, time.perf_counter() - t0)
+    ref_res = ref_source = None
+    if against is not None:
+        ref = load_model(against)
+        if ref.task != CAUSAL_LM:
+            raise ValueError(f"--against {against!r} is an encoder but --model {loaded.source!r} is a causal LM")
+        ref_ids = ids if ref.tokenizer is None else tokenize(ref.tokenizer, source_text)
+        if not torch.equal(ref_ids, ids):
+            raise ValueError(f"--against {against!r} tokenizes the text differently from --model {loaded.source!r}; "
+                             "perplexities would not be comparable")
+        ref_res = perplexity(ref.model, ids, seq_len, max_tokens, desc=f"perplexity ({ref.kind})")
+        ref_source = ref.source
+    return EvalResult(loaded.source, loaded.kind, CAUSAL_LM, res, time.perf_counter() - t0, ref_source, ref_res)

@@ -58,6 +58,7 @@ TRAINABLE = ("quantized", "all")
 def load_model_and_tokenizer(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """A causal LM and its tokenizer: an HF folder, a ``.gguf`` file, a Nemotron 3 hybrid folder, or the
     embedded default (loaded as ``nvfp4kit quantize`` loads it)."""
+    from .hf_models import CAUSAL_LM
     from .quantize import load_source_model
 
     p = None if path is None else Path(path)
@@ -67,6 +68,9 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, dtype: torch
             raise ValueError(f"--model {str(p)!r} is a quantized checkpoint; train from its full-precision source "
                              "and pass the PTQ checkpoint as --ptq")
     loaded = load_source_model(path, dtype)
+    if loaded.task != CAUSAL_LM:
+        raise ValueError(f"--model {loaded.source!r} is an encoder ({type(loaded.model).__name__}); QAT/QAD here train "
+                         "on next-token prediction and need a causal LM")
     if loaded.tokenizer is None:
         raise ValueError(f"--model {loaded.source!r} has no tokenizer files, needed to tokenize --data")
     return loaded.model, loaded.tokenizer

