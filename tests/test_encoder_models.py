@@ -303,3 +303,14 @@ def test_qat_refuses_an_encoder(bert_dir):
 
     with pytest.raises(ValueError, match="causal LM"):
         load_model_and_tokenizer(bert_dir)
+
+
+def test_conv1d_models_get_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nvfp4kit.pipelines.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)).eval()
+    with pytest.raises(ValueError, match="Conv1D"):
+        quantize_model(model, None, "w4a16", "max")

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import nvfp4kit
+from nvfp4kit.checkpoint.layout import exact_input_amax
 from nvfp4kit.checkpoint.types import QuantizedLinearWeight
 from nvfp4kit.evaluate.emulation import EmulatedLinear, apply_quantized, dequantize_weight
 from nvfp4kit.evaluate.perplexity import perplexity
@@ -116,9 +117,11 @@ def test_quantize_model_w4a4_fused_groups_share_scales():
                 assert torch.equal(rec.nvfp4.packed, expect.packed)
                 assert torch.equal(rec.nvfp4.block_scale.view(torch.uint8), expect.block_scale.view(torch.uint8))
                 assert float(rec.nvfp4.global_decode_scale) == float(1.0 / global_encode_scale(torch.tensor(amax)))
-                assert rec.input_amax == in_amax > 0
+                # the shared input amax, moved (by at most ~1 ulp) to a value both formats store exactly
+                assert rec.input_amax == exact_input_amax(in_amax, 2688.0) > 0
+                assert rec.input_amax == pytest.approx(in_amax, rel=2**-22)
         down = f"model.layers.{layer}.mlp.down_proj"
-        assert qm.linears[down].input_amax == r.stats[down].input_amax
+        assert qm.linears[down].input_amax == exact_input_amax(r.stats[down].input_amax, 2688.0)
 
 
 def test_w4a16_needs_no_calibration_and_fp8_scheme():

@@ -41,6 +41,41 @@ def input_decode_scale(amax: float, range_max: float) -> torch.Tensor:
     return torch.tensor(float(amax) / range_max, dtype=torch.float64).to(torch.float32)
 
 
+def _emulated_encode_scale(amax: float, range_max: float) -> float:
+    # what the format core computes from a given amax: float32(range_max / float32(amax))
+    a = torch.tensor(float(amax), dtype=torch.float32)
+    return float(torch.tensor(range_max, dtype=torch.float32) / a) if float(a) > 0 else 1.0
+
+
+def exact_input_amax(amax: float, range_max: float, max_steps: int = 64) -> float:
+    """A float32 activation amax within a few ulps of ``amax`` that both checkpoint formats carry exactly.
+
+    The modelopt format stores ``amax / range_max`` and compressed-tensors ``range_max / amax``,
+    each rounded to float32; read back, an arbitrary amax can come out one ulp away and then give
+    a different activation encode scale than the model that was calibrated. The amax returned is
+    a fixed point of both round trips (reading back either format gives the same encode scale,
+    and the modelopt one the same amax), so a quantized model computes bit for bit the same before
+    it is written and after it is loaded from either format. Returns ``amax`` itself when it is 0,
+    not finite, or no such value lies within ``max_steps`` ulps.
+    """
+    a = float(torch.tensor(float(amax), dtype=torch.float32))
+    if not (a > 0) or a == float("inf"):
+        return float(amax)
+    up = torch.tensor(float("inf"), dtype=torch.float32)
+    cand = torch.tensor(a, dtype=torch.float32)
+    for _ in range(max_steps):
+        c = float(cand)
+        s = _emulated_encode_scale(c, range_max)
+        via_modelopt = amax_from_decode(input_decode_scale(c, range_max), range_max)
+        via_ct = amax_from_encode(input_encode_scale(c, range_max), range_max)
+        if (float(torch.tensor(via_modelopt, dtype=torch.float32)) == c
+                and _emulated_encode_scale(via_modelopt, range_max) == s
+                and _emulated_encode_scale(via_ct, range_max) == s):
+            return c
+        cand = torch.nextafter(cand, up)
+    return float(amax)
+
+
 def input_encode_scale(amax: float, range_max: float) -> torch.Tensor:
     """Static activation scale in the encode direction, float32(range_max / amax) (1 if amax is 0)."""
     if float(amax) == 0.0:

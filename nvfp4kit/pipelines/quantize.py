@@ -31,6 +31,7 @@ from ..calibrate.moe import unfuse_experts
 from ..calibrate.observers import LinearStats, calibrate
 from ..calibrate.precision import PrecisionPlan, fused_groups, plan_precision
 from ..calibrate.weight_scales import WEIGHT_SCALE_METHODS, fp8_weight, nvfp4_weight_parts
+from ..checkpoint.layout import FP8_RANGE, NVFP4_ACT_RANGE, exact_input_amax
 from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
 from .hf_models import CAUSAL_LM, check_sequence_length, hf_model_class
 
@@ -191,7 +192,12 @@ def quantize_model(
             raise ValueError(f"the precision plan names modules the model lacks: {', '.join(unknown[:5])}")
     quantized = plan.quantized()
     if not quantized:
-        raise ValueError("nothing to quantize: every Linear is excluded (check --exclude / --recipe)")
+        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            raise ValueError(f"nothing to quantize: {type(model).__name__}'s projections are transformers Conv1D "
+                             "layers (GPT-2 style), not nn.Linear; NVFP4 checkpoint formats and serving engines "
+                             "define quantized Linears only")
+        raise ValueError("nothing to quantize: every Linear is excluded (check --exclude / --recipe)"
+                         if shapes else f"nothing to quantize: {type(model).__name__} has no nn.Linear layers")
     observe = [n for n in quantized if plan.layers[n].quantize_input]
     hessian_for = [n for n in quantized if plan.layers[n].format == "nvfp4"] if weight_scale == "gptq" else []
     observe = sorted(set(observe) | set(hessian_for), key=list(shapes).index)
@@ -225,6 +231,11 @@ def quantize_model(
                 for n in members:
                     if n in input_amax:
                         input_amax[n] = max(ia)
+    # activation amax the checkpoint formats store and read back exactly (moves it by at most ~1 ulp), so the
+    # in-memory model and the reloaded checkpoint quantize activations with the same encode scale
+    for n in input_amax:
+        act_range = NVFP4_ACT_RANGE if plan.layers[n].format == "nvfp4" else FP8_RANGE
+        input_amax[n] = exact_input_amax(input_amax[n], act_range)
 
     t0 = time.perf_counter()
     linears: dict[str, QuantizedLinearWeight] = {}
