@@ -168,6 +168,7 @@ def quantize_model(
     forward=None,
     stats: dict[str, LinearStats] | None = None,
     plan: PrecisionPlan | None = None,
+    sequential: bool = False,
 ) -> QuantizeResult:
     """Quantize ``model``'s Linears in memory (the model itself is left numerically unchanged).
 
@@ -176,6 +177,8 @@ def quantize_model(
     earlier :func:`calibrate` of this model (with Hessians for gptq), to quantize several ways
     from one calibration run; then ``samples`` is not needed. ``plan``: a precision plan resolved
     beforehand (e.g. by the mixed-precision search); it replaces ``scheme``/``exclude``/``recipe``.
+    ``sequential``: calibrate block by block (see :mod:`nvfp4kit.calibrate.sequential`), each block
+    seeing the inputs the already-quantized blocks before it produce; needs ``samples``.
     """
     if weight_scale not in WEIGHT_SCALE_METHODS:
         raise ValueError(f"--weight-scale must be one of {', '.join(WEIGHT_SCALE_METHODS)}, got {weight_scale!r}")
@@ -198,24 +201,77 @@ def quantize_model(
                              "define quantized Linears only")
         raise ValueError("nothing to quantize: every Linear is excluded (check --exclude / --recipe)"
                          if shapes else f"nothing to quantize: {type(model).__name__} has no nn.Linear layers")
-    observe = [n for n in quantized if plan.layers[n].quantize_input]
-    hessian_for = [n for n in quantized if plan.layers[n].format == "nvfp4"] if weight_scale == "gptq" else []
-    observe = sorted(set(observe) | set(hessian_for), key=list(shapes).index)
-    n_tokens = 0
-    if stats is not None:
-        lacking = [n for n in observe if n not in stats or (n in hessian_for and stats[n].hessian is None)]
-        if lacking:
-            raise ValueError(f"the given calibration statistics lack {', '.join(lacking[:5])}"
-                             + (" (or their Hessians)" if hessian_for else ""))
-    elif observe:
-        if samples is None:
-            raise ValueError(f"scheme {scheme!r} with weight scale {weight_scale!r} needs calibration samples")
-        t0 = time.perf_counter()
-        stats = calibrate(model, observe, samples, hessian_for=hessian_for, batch_size=batch_size, forward=forward)
-        seconds["calibrate"] = time.perf_counter() - t0
-        n_tokens = int(samples.numel())
-    stats = stats or {}
 
+    def needs_stats(names):
+        observe = [n for n in names if plan.layers[n].quantize_input]
+        hessian_for = [n for n in names if plan.layers[n].format == "nvfp4"] if weight_scale == "gptq" else []
+        return sorted(set(observe) | set(hessian_for), key=list(shapes).index), hessian_for
+
+    observe, hessian_for = needs_stats(quantized)
+    n_tokens = 0
+    if sequential:
+        from ..calibrate.sequential import sequential_quantize
+
+        if stats is not None or samples is None:
+            raise ValueError("sequential quantization calibrates block by block: it needs samples, not stats")
+        t0 = time.perf_counter()
+
+        def calibrate_names(names, fwd):
+            obs, hess = needs_stats(names)
+            return calibrate(model, obs, samples, hessian_for=hess, batch_size=batch_size, forward=fwd) if obs else {}
+
+        def quantize_names(names, block_stats):
+            return _quantize_linears(model, names, plan, block_stats, weight_scale, needs_stats(names)[0])
+
+        linears, stats = sequential_quantize(model, quantized, calibrate_names, quantize_names,
+                                             lambda records: _emulate_in_place(model, records), forward)
+        seconds["calibrate+quantize"] = time.perf_counter() - t0
+        n_tokens = int(samples.numel())
+    else:
+        if stats is not None:
+            lacking = [n for n in observe if n not in stats or (n in hessian_for and stats[n].hessian is None)]
+            if lacking:
+                raise ValueError(f"the given calibration statistics lack {', '.join(lacking[:5])}"
+                                 + (" (or their Hessians)" if hessian_for else ""))
+        elif observe:
+            if samples is None:
+                raise ValueError(f"scheme {scheme!r} with weight scale {weight_scale!r} needs calibration samples")
+            t0 = time.perf_counter()
+            stats = calibrate(model, observe, samples, hessian_for=hessian_for, batch_size=batch_size,
+                              forward=forward)
+            seconds["calibrate"] = time.perf_counter() - t0
+            n_tokens = int(samples.numel())
+        stats = stats or {}
+        t0 = time.perf_counter()
+        linears = _quantize_linears(model, quantized, plan, stats, weight_scale, observe)
+        seconds["quantize"] = time.perf_counter() - t0
+
+    qmodel = QuantizedModel(
+        linears={n: linears[n] for n in quantized},
+        tensors=_other_tensors(model, set(linears)),
+        config=_config_dict(model),
+        exclude_modules=sorted(plan.excluded()),
+    )
+    return QuantizeResult(qmodel, plan, stats, seconds, n_tokens)
+
+
+def _emulate_in_place(model: nn.Module, records: dict[str, QuantizedLinearWeight]) -> dict[str, nn.Module]:
+    """Swap the named Linears for modules computing with their records; returns the originals."""
+    from ..evaluate.emulation import EmulatedLinear
+
+    modules = dict(model.named_modules())
+    originals = {}
+    for name, rec in records.items():
+        original = modules[name]
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, EmulatedLinear(rec, original.weight.dtype))
+        originals[name] = original
+    return originals
+
+
+def _quantize_linears(model: nn.Module, quantized: list[str], plan: PrecisionPlan, stats: dict[str, LinearStats],
+                      weight_scale: str, observe: list[str]) -> dict[str, QuantizedLinearWeight]:
+    """Quantize the named Linears from their calibration statistics (fused groups share scales)."""
     modules = dict(model.named_modules())
     # fused groups share the weight global amax and the input amax (per format)
     weight_amax = {n: _weight_amax(modules[n].weight) for n in quantized}
@@ -237,7 +293,6 @@ def quantize_model(
         act_range = NVFP4_ACT_RANGE if plan.layers[n].format == "nvfp4" else FP8_RANGE
         input_amax[n] = exact_input_amax(input_amax[n], act_range)
 
-    t0 = time.perf_counter()
     linears: dict[str, QuantizedLinearWeight] = {}
     with progress.task(f"quantizing ({weight_scale})", total=len(quantized)) as t:
         for n in quantized:
@@ -257,15 +312,7 @@ def quantize_model(
                 linears[n] = QuantizedLinearWeight("fp8", tuple(w.shape), fp8_weight=q, fp8_weight_scale=s,
                                                    input_amax=in_amax, bias=bias)
             t.advance(1)
-    seconds["quantize"] = time.perf_counter() - t0
-
-    qmodel = QuantizedModel(
-        linears=linears,
-        tensors=_other_tensors(model, set(linears)),
-        config=_config_dict(model),
-        exclude_modules=sorted(plan.excluded()),
-    )
-    return QuantizeResult(qmodel, plan, stats, seconds, n_tokens)
+    return linears
 
 
 def calibrate_model(model: nn.Module, samples: torch.Tensor, scheme: str = "w4a4", exclude=(),

@@ -1,0 +1,134 @@
+"""Sequential (block-by-block) calibration: blocks, early stop, equality with a manual composition."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nvfp4kit.calibrate.sequential import block_members, repeated_blocks, sequential_quantize
+from nvfp4kit.checkpoint.types import QuantizedModel
+from nvfp4kit.evaluate.emulation import EmulatedLinear, apply_quantized
+from nvfp4kit.pipelines.quantize import quantize_model
+
+
+def tiny_llama(layers=3, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def samples(n=4, length=24, seed=1):
+    return torch.randint(0, 96, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def same_record(a, b):
+    if a.format != b.format or a.input_amax != b.input_amax:
+        return False
+    return (torch.equal(a.nvfp4.packed, b.nvfp4.packed)
+            and torch.equal(a.nvfp4.block_scale.view(torch.uint8), b.nvfp4.block_scale.view(torch.uint8))
+            and torch.equal(a.nvfp4.global_decode_scale, b.nvfp4.global_decode_scale))
+
+
+def test_repeated_blocks_and_members():
+    m = tiny_llama()
+    name, blocks = repeated_blocks(m)
+    assert name == "model.layers" and blocks is m.model.layers
+    assert repeated_blocks(nn.Sequential(nn.Linear(4, 4))) is None
+    experts = nn.Module()
+    experts.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(8)])
+    experts.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+    assert repeated_blocks(experts)[0] == "layers"  # an experts list is never the block list
+    per_block, rest = block_members(["a.0.x", "a.1.y", "a.0.z", "a.10.q", "head", "a.b"], "a", 2)
+    assert per_block == [["a.0.x", "a.0.z"], ["a.1.y"]] and rest == ["a.10.q", "head", "a.b"]
+
+
+@pytest.mark.parametrize("scheme,method", [("w4a4", "gptq"), ("w4a4", "max"), ("w4a16", "gptq")])
+def test_sequential_equals_one_shot_on_the_partially_quantized_model(scheme, method):
+    """Block i's records equal a one-shot quantization of the model whose blocks < i already compute
+    with the records of the sequential run (built here by hand with apply_quantized)."""
+    m = tiny_llama()
+    x = samples()
+    seq = quantize_model(m, x, scheme, method, sequential=True).qmodel
+    oneshot = quantize_model(m, x, scheme, method).qmodel
+    layer = lambda n: int(n.split(".")[2])  # noqa: E731  model.layers.<i>.
+    for n in seq.linears:
+        if layer(n) == 0:  # nothing quantized upstream: the same as one shot
+            assert same_record(seq.linears[n], oneshot.linears[n]), n
+    for i in (1, 2):
+        partial = copy.deepcopy(m)
+        upstream = QuantizedModel(linears={n: r for n, r in seq.linears.items() if layer(n) < i})
+        apply_quantized(partial, upstream)
+        ref = quantize_model(partial, x, scheme, method).qmodel  # quantizes the Linears still nn.Linear
+        for n, r in seq.linears.items():
+            if layer(n) == i:
+                assert same_record(r, ref.linears[n]), n
+    assert any(not same_record(seq.linears[n], oneshot.linears[n]) for n in seq.linears if layer(n) == 2)
+
+
+def test_model_is_left_unchanged_even_when_a_step_fails():
+    m = tiny_llama()
+    ref = copy.deepcopy(m)
+    x = samples()
+    quantize_model(m, x, "w4a4", "gptq", sequential=True)
+    assert all(type(mod) is not EmulatedLinear for mod in m.modules())
+    for (n, p), (_, q) in zip(m.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(p, q), n
+    names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
+    calls = []
+
+    def calibrate_names(step, fwd):
+        for b in x.split(2):
+            fwd(m, b)
+        return {}
+
+    def quantize_names(step, stats):
+        calls.append(step)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return {n: object() for n in step}
+
+    def emulate(records):
+        originals = {}
+        for n in records:
+            parent, _, attr = n.rpartition(".")
+            originals[n] = getattr(m.get_submodule(parent), attr)
+            setattr(m.get_submodule(parent), attr, nn.Identity())
+        return originals
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sequential_quantize(m, names, calibrate_names, quantize_names, emulate)
+    assert all(type(mod) is not nn.Identity for mod in m.modules())
+    assert isinstance(m.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_each_pass_stops_after_its_block():
+    m = tiny_llama()
+    x = samples()
+    names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
+    reached = []
+    handles = [blk.register_forward_pre_hook(lambda mod, a, i=i: reached.append(i))
+               for i, blk in enumerate(m.model.layers)]
+    seen = []
+
+    def calibrate_names(step, fwd):
+        reached.clear()
+        fwd(m, x[:1])
+        seen.append(sorted(set(reached)))
+        return {}
+
+    sequential_quantize(m, names, calibrate_names, lambda step, stats: {}, lambda records: {})
+    for h in handles:
+        h.remove()
+    assert seen == [[0], [0, 1], [0, 1, 2]]
+
+
+def test_sequential_errors():
+    m = tiny_llama()
+    with pytest.raises(ValueError, match="needs samples"):
+        quantize_model(m, None, "w4a4", "gptq", sequential=True)
+    flat = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="repeated blocks"):
+        sequential_quantize(flat, ["0"], lambda *a: {}, lambda *a: {}, lambda r: {})
