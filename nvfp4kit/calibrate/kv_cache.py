@@ -79,8 +79,8 @@ class _InterfaceHook:
     def before(self, module, args, kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
 
-        impl = getattr(self.config, "_attn_implementation", None) or "eager"
-        prev = fns[impl] if impl in fns else None
+        impl = getattr(self.config, "_attn_implementation", None)  # the key the module looks up
+        prev = fns[impl] if impl in fns else None  # not registered ("eager"): the model's own function
         original = prev if prev is not None else _eager_attention_of(module, self.name)
 
         def attention(mod, query, key, value, *a, **kw):
