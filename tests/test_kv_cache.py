@@ -228,6 +228,32 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="--kv-cache fp8 needs calibration samples"):
         quantize_model(llama(), None, "w4a16", "max", kv_cache="fp8")
 
+    class HandWrittenAttention(nn.Module):  # has k_proj/v_proj but computes attention itself
+        def __init__(self):
+            super().__init__()
+            self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            w = torch.softmax(x @ self.k_proj(x).transpose(-1, -2), -1)
+            return w @ self.v_proj(x)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = LlamaConfig()
+            self.emb = nn.Embedding(128, 16)
+            self.attn = HandWrittenAttention()
+            self.head = nn.Linear(16, 128)
+
+        def forward(self, input_ids):
+            return self.head(self.attn(self.emb(input_ids)))
+
+    before = interface_entries()
+    t = Tiny()
+    with pytest.raises(ValueError, match="attn: HandWrittenAttention did not call transformers' attention interface"):
+        quantize_model(t, ids(1, 8), "w4a16", "max", kv_cache="fp8")
+    assert interface_entries() == before and no_module_hooks(t)
+
 
 # ----------------------------------------------------------------------------- checkpoints and emulation
 
@@ -311,7 +337,11 @@ def test_checkpoint_scales_and_emulated_eval(llama_dir, tmp_path, fmt):
         got = loaded.model(input_ids=x).logits
         want = ref(input_ids=x).logits
         off = load_quantized_model(path, kv_cache=False).model(input_ids=x).logits
+        # decoding with transformers' cache: the attention sees the whole (already quantized) cache again
+        prefix = loaded.model(input_ids=x[:, :30], use_cache=True)
+        step = loaded.model(input_ids=x[:, 30:], past_key_values=prefix.past_key_values, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step, got[:, 30:], rtol=1e-4, atol=1e-4)
     assert (got - off).abs().max() > 1e-4  # the FP8 KV cache is really emulated
     assert interface_entries() == {k: ALL_ATTENTION_FUNCTIONS[k] for k in ALL_ATTENTION_FUNCTIONS}
 

@@ -81,12 +81,12 @@ class _InterfaceHook:
 
         impl = getattr(self.config, "_attn_implementation", None)  # the key the module looks up
         prev = fns[impl] if impl in fns else None  # not registered ("eager"): the model's own function
-        original = prev if prev is not None else _eager_attention_of(module, self.name)
 
         def attention(mod, query, key, value, *a, **kw):
             if mod is self.module:
                 self.calls += 1
                 key, value = self.hook(self.name, key, value)
+            original = prev if prev is not None else _eager_attention_of(mod, self.name)
             return original(mod, query, key, value, *a, **kw)
 
         self._saved.append((impl, prev, self.calls))
