@@ -132,3 +132,15 @@ def test_sequential_errors():
     flat = nn.Sequential(nn.Linear(16, 16))
     with pytest.raises(ValueError, match="repeated blocks"):
         sequential_quantize(flat, ["0"], lambda *a: {}, lambda *a: {}, lambda r: {})
+
+
+def test_sequential_with_kv_cache_scales_every_attention():
+    m = tiny_llama()
+    x = samples()
+    seq = quantize_model(m, x, "w4a4", "max", sequential=True, kv_cache="fp8").qmodel
+    one = quantize_model(m, x, "w4a4", "max", kv_cache="fp8").qmodel
+    assert seq.kv_cache_format == "fp8" and set(seq.kv_cache_amax) == set(one.kv_cache_amax) == {
+        f"model.layers.{i}.self_attn" for i in range(3)}
+    # block 0 sees the same keys/values in every pass: equal to the one-shot amax
+    assert seq.kv_cache_amax["model.layers.0.self_attn"] == one.kv_cache_amax["model.layers.0.self_attn"]
+    assert all(k > 0 and v > 0 for k, v in seq.kv_cache_amax.values())

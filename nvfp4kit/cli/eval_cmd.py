@@ -24,19 +24,22 @@ def eval_cmd(
         help="reference model (e.g. the source of a quantized checkpoint): causal LMs also report its perplexity "
              "and the gap; encoders are compared with it (required for them)"),
     max_sentences: int = typer.Option(256, "--max-sentences", help="encoders: sentences of the text to embed"),
+    no_kv_cache: bool = typer.Option(
+        False, "--no-kv-cache", help="ignore the checkpoint's FP8 KV-cache scales (keys/values in full precision)"),
 ) -> None:
     """Evaluate a model on a text.
 
     Causal LMs: perplexity over windows of --seq-len tokens. Encoders (e.g. a sentence-transformers
     BERT): cosine similarity of sentence embeddings to the --against model, and how often each
     sentence's nearest neighbour agrees. Quantized checkpoints are emulated: W4A4 activations are
-    quantized per 16-block with the checkpoint's static scale.
+    quantized per 16-block with the checkpoint's static scale, and an FP8 KV cache quantizes the
+    cached keys/values.
     """
     from ..pipelines.eval import run_eval
 
     try:
         r = run_eval(model, text, seq_len, max_tokens, weight_only=weight_only, against=against,
-                     max_sentences=max_sentences)
+                     max_sentences=max_sentences, kv_cache=not no_kv_cache)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     out = Console()
@@ -47,6 +50,7 @@ def eval_cmd(
                   f"over {s.n_sentences} sentences ({r.seconds:.1f}s)")
         return
     out.print(f"{r.model} ({r.kind}): perplexity {r.result.ppl:.4f} over {r.result.n_tokens} tokens "
-              f"(mean NLL {r.result.nll:.4f}, {r.seconds:.1f}s)")
+              f"(mean NLL {r.result.nll:.4f}, {r.seconds:.1f}s)"
+              + (f", {r.kv_cache.upper()} KV cache emulated" if r.kv_cache else ""))
     if r.reference_result is not None:
         out.print(f"{r.reference} (reference): perplexity {r.reference_result.ppl:.4f}; gap {r.ppl_gap:+.2%}")

@@ -29,6 +29,9 @@ def quantize_cmd(
         None, "--bits-budget",
         help="with --scheme mixed: choose NVFP4 / FP8 / BF16 per Linear by measured sensitivity under this "
              "average bits per weight (NVFP4 counts 4.5 with its scales, FP8 8, BF16 16), e.g. 4.75"),
+    kv_cache: Optional[str] = typer.Option(
+        None, "--kv-cache",
+        help="fp8: also calibrate static FP8 KV-cache scales (post-RoPE keys and values, per attention layer)"),
     weights_only_streaming: bool = typer.Option(
         False, "--weights-only-streaming",
         help="weight-only (W4A16 / FP8 weights) conversion one tensor at a time, without loading the model"),
@@ -40,7 +43,7 @@ def quantize_cmd(
     console = Console()
     job = QuantizeJob(model=model, out=out, format=format, scheme=scheme, weight_scale=weight_scale, calib=calib,
                       calib_samples=calib_samples, seq_len=seq_len, exclude=tuple(exclude or ()), recipe=recipe,
-                      overwrite=overwrite, bits_budget=bits_budget)
+                      overwrite=overwrite, bits_budget=bits_budget, kv_cache=kv_cache)
     try:
         if weights_only_streaming:
             path = run_streaming(job)
@@ -54,5 +57,8 @@ def quantize_cmd(
         f"quantized {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))} Linears "
         f"(scheme {scheme}, weight scale {weight_scale}, {result.n_calib_tokens} calibration tokens)"
     )
+    if result.qmodel.kv_cache_format:
+        console.print(f"{result.qmodel.kv_cache_format.upper()} KV cache: static scales for "
+                      f"{len(result.qmodel.kv_cache_amax)} attention layers")
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
     console.print(f"wrote {path}")

@@ -5,6 +5,11 @@ E2M1 value x E4M3 block scale x FP32 global scale, or FP8 x scale) and, when the
 static ``input_amax`` (W4A4 / W8A8), quantizes its input at run time the way the hardware path
 does: NVFP4 activations per 1x16 block along K with the calibrated global scale (values beyond the
 calibrated amax saturate), FP8 activations per tensor with ``amax / 448``.
+
+:func:`apply_kv_cache` emulates a static FP8 KV cache: in every attention with calibrated scales,
+the keys (after the rotary embedding) and values are quantize-dequantized to FP8 E4M3 with the
+per-tensor decode scale ``amax / 448`` (saturating, round-to-nearest-even) where they enter the
+cache, through the hooks of :mod:`nvfp4kit.calibrate.kv_cache`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibrate.kv_cache import KVHookHandle, add_kv_hooks
 from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
 from ..formats.nvfp4 import dequantize_parts
 from ..formats.scales import E4M3_MAX, e4m3_rtne
@@ -82,3 +88,19 @@ def apply_quantized(model: nn.Module, qmodel: QuantizedModel, dtype: torch.dtype
         parent = modules[parent_name] if parent_name else model
         setattr(parent, attr, EmulatedLinear(q, dtype, quantize_inputs))
     return len(qmodel.linears)
+
+
+def apply_kv_cache(model: nn.Module, qmodel: QuantizedModel) -> KVHookHandle | None:
+    """Quantize-dequantize the cached keys/values of ``model``'s attentions per ``qmodel``'s FP8
+    KV-cache scales (until the returned handle is removed); ``None`` if the checkpoint has none."""
+    if qmodel.kv_cache_format is None or not qmodel.kv_cache_amax:
+        return None
+    if qmodel.kv_cache_format != "fp8":
+        raise ValueError(f"KV-cache format {qmodel.kv_cache_format!r} cannot be emulated (fp8 only)")
+    amax = dict(qmodel.kv_cache_amax)
+
+    def fake_quant_kv(name: str, key: torch.Tensor, value: torch.Tensor):
+        k_amax, v_amax = amax[name]
+        return fake_quant_fp8_input(key, k_amax), fake_quant_fp8_input(value, v_amax)
+
+    return add_kv_hooks(model, fake_quant_kv, names=list(amax))

@@ -1,4 +1,10 @@
-"""Causal grouped-query attention without positional encoding (Nemotron-H), with a KV cache."""
+"""Causal grouped-query attention without positional encoding (Nemotron-H), with a KV cache.
+
+``Attention.kv_hook`` (None by default) is an optional ``(k, v) -> (k, v)`` callable applied to the
+new keys and values, ``[B, kv_heads, L, head_dim]``, just before they enter the cache: FP8 KV-cache
+calibration observes them there and evaluation quantize-dequantizes them there
+(:mod:`nvfp4kit.calibrate.kv_cache`).
+"""
 
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ class Attention(torch.nn.Module):
         self.k_proj = make_linear(c.hidden_size, self.num_kv_heads * self.head_dim, **kw)
         self.v_proj = make_linear(c.hidden_size, self.num_kv_heads * self.head_dim, **kw)
         self.o_proj = make_linear(self.num_heads * self.head_dim, c.hidden_size, **kw)
+        self.kv_hook = None  # optional (k, v) -> (k, v) on the keys/values as they are cached
 
     def new_state(self, batch: int, device=None, dtype=None) -> KVCache:
         return KVCache()
@@ -56,6 +63,8 @@ class Attention(torch.nn.Module):
         q = self.q_proj(hidden).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_hook is not None:
+            k, v = self.kv_hook(k, v)
         past = 0
         if state is not None:
             past = state.length

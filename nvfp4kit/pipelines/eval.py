@@ -7,7 +7,9 @@ embeddings to those of a reference model (:mod:`nvfp4kit.evaluate.embedding`), s
 Quantized checkpoints (modelopt HF or compressed-tensors) are loaded into the architecture named by
 their ``config.json`` with every quantized Linear emulated (:mod:`nvfp4kit.evaluate.emulation`):
 W4A16 uses the dequantized weights; W4A4 also quantizes each Linear's input per 1x16 block with the
-static input global scale of the checkpoint.
+static input global scale of the checkpoint. A checkpoint with an FP8 KV cache (``k_scale`` /
+``v_scale``) also gets its cached keys (post-RoPE) and values quantize-dequantized to FP8 E4M3 with
+those static scales in every attention, unless ``kv_cache=False``.
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ import torch
 from .. import progress
 from ..calibrate.data import load_text, tokenize
 from ..calibrate.moe import unfuse_experts
-from ..evaluate.emulation import apply_quantized
 from ..evaluate.embedding import EmbeddingSimilarity, compare_embeddings, embed, pooling_mode, split_sentences
+from ..evaluate.emulation import apply_kv_cache, apply_quantized
 from ..evaluate.perplexity import Perplexity, perplexity
 from .hf_models import CAUSAL_LM, ENCODER, max_positions
 from .quantize import LoadedModel, is_quantized_checkpoint, load_source_model
 
 
 def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                         quantize_inputs: bool = True) -> LoadedModel:
-    """An HF model built from a quantized checkpoint's config, its quantized Linears emulated."""
+                         quantize_inputs: bool = True, kv_cache: bool = True) -> LoadedModel:
+    """An HF model built from a quantized checkpoint's config, its quantized Linears emulated
+    (and, with ``kv_cache``, its FP8 KV cache if the checkpoint has one)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from ..checkpoint import load_quantized
@@ -39,7 +42,7 @@ def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
 
     p = Path(path)
     if qm_is_hybrid(p):
-        return _load_quantized_hybrid(p, dtype, quantize_inputs)
+        return _load_quantized_hybrid(p, dtype, quantize_inputs, kv_cache)
     with progress.task(f"loading {p.name}", total=1) as t:
         qm = load_quantized(p)
         config = AutoConfig.from_pretrained(str(p))
@@ -61,6 +64,8 @@ def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
         missing = [k for k in result.missing_keys if k not in tied]
         if missing:
             raise ValueError(f"{p}: checkpoint lacks tensors the model needs: {', '.join(missing[:5])}")
+        if kv_cache:
+            apply_kv_cache(model, qm)
         tok = AutoTokenizer.from_pretrained(str(p))
         t.advance(1)
     model.eval()
@@ -73,7 +78,7 @@ def qm_is_hybrid(path: Path) -> bool:
     return is_hybrid_checkpoint(path)
 
 
-def _load_quantized_hybrid(p: Path, dtype: torch.dtype, quantize_inputs: bool) -> LoadedModel:
+def _load_quantized_hybrid(p: Path, dtype: torch.dtype, quantize_inputs: bool, kv_cache: bool = True) -> LoadedModel:
     """A quantized Nemotron 3 hybrid checkpoint in nvfp4kit's model, quantized Linears emulated."""
     from ..checkpoint import load_quantized
     from ..model.config import NemotronConfig
@@ -91,16 +96,18 @@ def _load_quantized_hybrid(p: Path, dtype: torch.dtype, quantize_inputs: bool) -
         if result.unexpected_keys or missing:
             bad = result.unexpected_keys or missing
             raise ValueError(f"{p}: checkpoint tensors do not match the model: {', '.join(bad[:5])}")
+        if kv_cache:
+            apply_kv_cache(model, qm)
         t.advance(1)
     model.eval()
     return LoadedModel(model, _tokenizer_or_none(p), str(p), "quantized", qm)
 
 
 def load_model(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32,
-               quantize_inputs: bool = True) -> LoadedModel:
+               quantize_inputs: bool = True, kv_cache: bool = True) -> LoadedModel:
     """Any model ``nvfp4kit eval`` accepts: HF folder, ``.gguf``, quantized checkpoint, or the embedded default."""
     if path is not None and Path(path).is_dir() and is_quantized_checkpoint(Path(path)):
-        return load_quantized_model(path, dtype, quantize_inputs)
+        return load_quantized_model(path, dtype, quantize_inputs, kv_cache)
     return load_source_model(path, dtype)
 
 
@@ -114,6 +121,7 @@ class EvalResult:
     reference: str | None = None
     reference_result: Perplexity | None = None  # causal LMs, with a reference
     similarity: EmbeddingSimilarity | None = None  # encoders
+    kv_cache: str | None = None  # "fp8" when a static FP8 KV cache was emulated
 
     @property
     def ppl_gap(self) -> float | None:
@@ -125,14 +133,15 @@ class EvalResult:
 
 def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max_tokens: int | None = None,
              loaded: LoadedModel | None = None, weight_only: bool = False, against: str | None = None,
-             max_sentences: int = 256) -> EvalResult:
+             max_sentences: int = 256, kv_cache: bool = True) -> EvalResult:
     """Evaluate ``model`` on ``text`` (a file, a dataset file, or the built-in evaluation text).
 
     Causal LMs: perplexity over windows of ``seq_len`` tokens (and the reference's, with ``against``).
     Encoders: embedding cosine similarity to ``against`` (required) over up to ``max_sentences``
-    sentences, each truncated to ``seq_len`` tokens.
+    sentences, each truncated to ``seq_len`` tokens. ``kv_cache=False`` leaves a checkpoint's FP8 KV
+    cache unemulated (keys/values in full precision).
     """
-    loaded = loaded or load_model(model, quantize_inputs=not weight_only)
+    loaded = loaded or load_model(model, quantize_inputs=not weight_only, kv_cache=kv_cache)
     if loaded.tokenizer is None:
         raise ValueError(f"--model {loaded.source!r} has no tokenizer files, needed to tokenize the evaluation text")
     source_text = load_text(text, "eval")
@@ -166,4 +175,7 @@ def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max
                              "perplexities would not be comparable")
         ref_res = perplexity(ref.model, ids, seq_len, max_tokens, desc=f"perplexity ({ref.kind})")
         ref_source = ref.source
-    return EvalResult(loaded.source, loaded.kind, CAUSAL_LM, res, time.perf_counter() - t0, ref_source, ref_res)
+    kv = loaded.quantized.kv_cache_format if (kv_cache and loaded.quantized is not None
+                                               and loaded.quantized.kv_cache_amax) else None
+    return EvalResult(loaded.source, loaded.kind, CAUSAL_LM, res, time.perf_counter() - t0, ref_source, ref_res,
+                      kv_cache=kv)

@@ -10,6 +10,11 @@ format by name (scheme, ``--exclude``, ``--recipe``, default exclusions); calibr
 input amax of every Linear whose input gets a static scale (and the input Hessians for GPTQ);
 fused groups (q/k/v, gate/up) share one weight global amax and one input amax; each weight is
 quantized with the chosen weight-scale method.
+
+With ``kv_cache="fp8"`` (``--kv-cache fp8``) the same calibration passes also record, per attention
+module, the amax of the keys and values exactly as they are cached (keys after the rotary embedding;
+:mod:`nvfp4kit.calibrate.kv_cache`), and the checkpoint gets static FP8 KV-cache scales
+(``k_scale``/``v_scale`` = amax / 448).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from torch import nn
 
 from .. import progress
 from ..calibrate.data import calibration_samples
+from ..calibrate.kv_cache import check_kv_cache_format, observe_kv_cache
 from ..calibrate.moe import unfuse_experts
 from ..calibrate.observers import LinearStats, calibrate
 from ..calibrate.precision import PrecisionPlan, fused_groups, plan_precision
@@ -169,6 +176,7 @@ def quantize_model(
     stats: dict[str, LinearStats] | None = None,
     plan: PrecisionPlan | None = None,
     sequential: bool = False,
+    kv_cache: str | None = None,
 ) -> QuantizeResult:
     """Quantize ``model``'s Linears in memory (the model itself is left numerically unchanged).
 
@@ -178,8 +186,13 @@ def quantize_model(
     from one calibration run; then ``samples`` is not needed. ``plan``: a precision plan resolved
     beforehand (e.g. by the mixed-precision search); it replaces ``scheme``/``exclude``/``recipe``.
     ``sequential``: calibrate block by block (see :mod:`nvfp4kit.calibrate.sequential`), each block
-    seeing the inputs the already-quantized blocks before it produce; needs ``samples``.
+    seeing the inputs the already-quantized blocks before it produce; needs ``samples`` (with
+    ``kv_cache``, each attention's KV amax is the maximum over the passes that reach it).
+    ``kv_cache``: ``"fp8"`` to also calibrate static FP8 KV-cache scales (the keys/values as cached,
+    post-RoPE) during the calibration passes; needs ``samples`` (with ``stats`` given, the samples
+    run once more for the KV cache alone).
     """
+    check_kv_cache_format(kv_cache)
     if weight_scale not in WEIGHT_SCALE_METHODS:
         raise ValueError(f"--weight-scale must be one of {', '.join(WEIGHT_SCALE_METHODS)}, got {weight_scale!r}")
     seconds: dict[str, float] = {}
@@ -223,8 +236,10 @@ def quantize_model(
         def quantize_names(names, block_stats):
             return _quantize_linears(model, names, plan, block_stats, weight_scale, needs_stats(names)[0])
 
-        linears, stats = sequential_quantize(model, quantized, calibrate_names, quantize_names,
-                                             lambda records: _emulate_in_place(model, records), forward)
+        with (observe_kv_cache(model, kv_cache) if kv_cache is not None else nullcontext()) as kv_seen:
+            linears, stats = sequential_quantize(model, quantized, calibrate_names, quantize_names,
+                                                 lambda records: _emulate_in_place(model, records), forward)
+        kv_amax = dict(kv_seen) if kv_cache is not None else {}
         seconds["calibrate+quantize"] = time.perf_counter() - t0
         n_tokens = int(samples.numel())
     else:
@@ -233,12 +248,20 @@ def quantize_model(
             if lacking:
                 raise ValueError(f"the given calibration statistics lack {', '.join(lacking[:5])}"
                                  + (" (or their Hessians)" if hessian_for else ""))
-        elif observe:
+        kv_amax = {}
+        if (stats is None and observe) or kv_cache is not None:
             if samples is None:
-                raise ValueError(f"scheme {scheme!r} with weight scale {weight_scale!r} needs calibration samples")
+                what = (f"scheme {scheme!r} with weight scale {weight_scale!r}" if stats is None and observe
+                        else f"--kv-cache {kv_cache}")
+                raise ValueError(f"{what} needs calibration samples")
             t0 = time.perf_counter()
-            stats = calibrate(model, observe, samples, hessian_for=hessian_for, batch_size=batch_size,
-                              forward=forward)
+            with (observe_kv_cache(model, kv_cache) if kv_cache is not None else nullcontext()) as kv_seen:
+                seen = calibrate(model, observe if stats is None else [], samples,
+                                 hessian_for=hessian_for if stats is None else None, batch_size=batch_size,
+                                 forward=forward)
+            if kv_cache is not None:
+                kv_amax = dict(kv_seen)
+            stats = seen if stats is None else stats
             seconds["calibrate"] = time.perf_counter() - t0
             n_tokens = int(samples.numel())
         stats = stats or {}
@@ -251,6 +274,8 @@ def quantize_model(
         tensors=_other_tensors(model, set(linears)),
         config=_config_dict(model),
         exclude_modules=sorted(plan.excluded()),
+        kv_cache_format=kv_cache,
+        kv_cache_amax=kv_amax,
     )
     return QuantizeResult(qmodel, plan, stats, seconds, n_tokens)
 
@@ -369,6 +394,7 @@ class QuantizeJob:
     recipe: str | None = None
     overwrite: bool = False
     bits_budget: float | None = None  # with scheme "mixed": search formats per Linear under this budget
+    kv_cache: str | None = None  # "fp8": calibrate static FP8 KV-cache scales too
 
 
 def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.PathLike, fmt: str,
@@ -397,10 +423,11 @@ def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.P
 def run_quantize(job: QuantizeJob, loaded: LoadedModel | None = None) -> tuple[QuantizeResult, Path]:
     """Load, calibrate, quantize and write; returns the result and the checkpoint folder."""
     t_start = time.perf_counter()
+    check_kv_cache_format(job.kv_cache)
     prepare_output_dir(job.out, job.overwrite)
     loaded = loaded or load_source_model(job.model)
     samples = None
-    needs_calib = job.scheme != "w4a16" or job.weight_scale == "gptq"
+    needs_calib = job.scheme != "w4a16" or job.weight_scale == "gptq" or job.kv_cache is not None
     if needs_calib:
         check_sequence_length(loaded.model, job.seq_len)
         if loaded.tokenizer is None:
@@ -416,7 +443,8 @@ def run_quantize(job: QuantizeJob, loaded: LoadedModel | None = None) -> tuple[Q
                              f"--model {loaded.source!r} is an encoder ({type(loaded.model).__name__}): "
                              "use --scheme w4a4/w4a16/fp8 with --exclude instead")
         plan, search = _searched_plan(job, loaded.model, samples)
-    result = quantize_model(loaded.model, samples, job.scheme, job.weight_scale, job.exclude, job.recipe, plan=plan)
+    result = quantize_model(loaded.model, samples, job.scheme, job.weight_scale, job.exclude, job.recipe, plan=plan,
+                            kv_cache=job.kv_cache)
     t0 = time.perf_counter()
     path = save_checkpoint(result, loaded, job.out, job.format, job.overwrite)
     if search is not None:
@@ -459,6 +487,9 @@ def run_streaming(job: QuantizeJob) -> Path:
     if job.scheme not in ("w4a16", "fp8"):
         raise ValueError(f"--weights-only-streaming writes weight-only checkpoints: use --scheme w4a16 or fp8, "
                          f"not {job.scheme!r}")
+    if job.kv_cache is not None:
+        raise ValueError("--kv-cache needs calibration passes through the model; it does not combine with "
+                         "--weights-only-streaming")
     if job.weight_scale != "max":
         progress.log(f"streaming mode quantizes weights with max scales (no calibration); "
                      f"--weight-scale {job.weight_scale} does not apply")
