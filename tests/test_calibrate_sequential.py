@@ -144,3 +144,38 @@ def test_sequential_with_kv_cache_scales_every_attention():
     # block 0 sees the same keys/values in every pass: equal to the one-shot amax
     assert seq.kv_cache_amax["model.layers.0.self_attn"] == one.kv_cache_amax["model.layers.0.self_attn"]
     assert all(k > 0 and v > 0 for k, v in seq.kv_cache_amax.values())
+
+
+def test_cli_sequential_writes_the_sequential_records(tmp_path):
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from typer.testing import CliRunner
+
+    from nvfp4kit.calibrate.data import calibration_samples
+    from nvfp4kit.cli.main import app
+
+    chars = ["<unk>"] + [chr(i) for i in range(32, 127)]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(
+        vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>")), unk_token="<unk>")
+    src = tmp_path / "src"
+    tiny_llama().save_pretrained(src)
+    tok.save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. " * 30)
+    out = {}
+    for flag in ("--sequential", "--one-shot"):
+        out[flag] = tmp_path / flag.strip("-")
+        r = CliRunner().invoke(app, ["quantize", "--model", str(src), "--out", str(out[flag]), "--calib", str(text),
+                                     "--calib-samples", "4", "--seq-len", "24", "--weight-scale", "gptq", flag])
+        assert r.exit_code == 0, r.output
+    seq = load_file(str(out["--sequential"] / "model.safetensors"))
+    one = load_file(str(out["--one-shot"] / "model.safetensors"))
+    # the same records as the library call on the same calibration samples
+    model = LlamaForCausalLM.from_pretrained(str(src)).eval()
+    ids = calibration_samples(tok, str(text), 4, 24)
+    ref = quantize_model(model, ids, "w4a4", "gptq", sequential=True).qmodel
+    for name, rec in ref.linears.items():
+        assert torch.equal(seq[f"{name}.weight"], rec.nvfp4.packed), name
+    assert torch.equal(seq["model.layers.0.mlp.down_proj.weight"], one["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(seq["model.layers.2.mlp.down_proj.weight"], one["model.layers.2.mlp.down_proj.weight"])

@@ -32,6 +32,11 @@ def quantize_cmd(
     kv_cache: Optional[str] = typer.Option(
         None, "--kv-cache",
         help="fp8: also calibrate static FP8 KV-cache scales (post-RoPE keys and values, per attention layer)"),
+    sequential: bool = typer.Option(
+        False, "--sequential/--one-shot",
+        help="calibrate block by block, each block on the outputs of the already-quantized blocks before it "
+             "(GPTQ Hessians and activation scales match what the quantized model sees; about half a forward "
+             "pass per block more)"),
     weights_only_streaming: bool = typer.Option(
         False, "--weights-only-streaming",
         help="weight-only (W4A16 / FP8 weights) conversion one tensor at a time, without loading the model"),
@@ -43,7 +48,8 @@ def quantize_cmd(
     console = Console()
     job = QuantizeJob(model=model, out=out, format=format, scheme=scheme, weight_scale=weight_scale, calib=calib,
                       calib_samples=calib_samples, seq_len=seq_len, exclude=tuple(exclude or ()), recipe=recipe,
-                      overwrite=overwrite, bits_budget=bits_budget, kv_cache=kv_cache)
+                      overwrite=overwrite, bits_budget=bits_budget, kv_cache=kv_cache,
+                      sequential=sequential)
     try:
         if weights_only_streaming:
             path = run_streaming(job)

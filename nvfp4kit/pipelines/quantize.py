@@ -222,7 +222,7 @@ def quantize_model(
 
     observe, hessian_for = needs_stats(quantized)
     n_tokens = 0
-    if sequential:
+    if sequential and observe:  # (with nothing to observe, one shot is the same thing)
         from ..calibrate.sequential import sequential_quantize
 
         if stats is not None or samples is None:
@@ -395,6 +395,7 @@ class QuantizeJob:
     overwrite: bool = False
     bits_budget: float | None = None  # with scheme "mixed": search formats per Linear under this budget
     kv_cache: str | None = None  # "fp8": calibrate static FP8 KV-cache scales too
+    sequential: bool = False  # calibrate block by block on the outputs of the quantized blocks before
 
 
 def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.PathLike, fmt: str,
@@ -444,7 +445,7 @@ def run_quantize(job: QuantizeJob, loaded: LoadedModel | None = None) -> tuple[Q
                              "use --scheme w4a4/w4a16/fp8 with --exclude instead")
         plan, search = _searched_plan(job, loaded.model, samples)
     result = quantize_model(loaded.model, samples, job.scheme, job.weight_scale, job.exclude, job.recipe, plan=plan,
-                            kv_cache=job.kv_cache)
+                            kv_cache=job.kv_cache, sequential=job.sequential)
     t0 = time.perf_counter()
     path = save_checkpoint(result, loaded, job.out, job.format, job.overwrite)
     if search is not None:
