@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
 import shutil
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ptq import run_child  # noqa: E402
-from results import write_results_section  # noqa: E402
+from results import add_ptq_peer_arguments, write_results_section  # noqa: E402
 
 SECTION = "encoder"
 
@@ -76,10 +75,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
     ap.add_argument("--sentences", type=int, default=512, help="evaluation sentences")
-    ap.add_argument("--methods", default="max,mse,4over6,gptq")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--llmc-python", default=sys.executable, help="interpreter with llmcompressor installed")
-    ap.add_argument("--skip-llmc", action="store_true")
+    add_ptq_peer_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:

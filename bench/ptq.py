@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from results import write_results_section  # noqa: E402
+from results import add_ptq_peer_arguments, write_results_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -120,10 +120,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--methods", default="max,mse,4over6,gptq")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--llmc-python", default=sys.executable, help="interpreter with llmcompressor installed")
-    ap.add_argument("--skip-llmc", action="store_true")
+    add_ptq_peer_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from safetensors.torch import save_file

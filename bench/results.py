@@ -52,3 +52,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def add_ptq_peer_arguments(ap) -> None:
+    """Options shared by the PTQ benchmarks: weight-scale methods, threads, the llm-compressor interpreter."""
+    import os
+    import sys
+
+    ap.add_argument("--methods", default="max,mse,4over6,gptq")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--llmc-python", default=sys.executable, help="interpreter with llmcompressor installed")
+    ap.add_argument("--skip-llmc", action="store_true")
