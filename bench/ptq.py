@@ -15,7 +15,7 @@ disjoint), in one run:
 llm-compressor pins an older compressed-tensors; it can live in its own environment:
 ``--llmc-python /path/to/venv/bin/python`` (default: this interpreter).
 
-Usage: python bench/ptq.py [--calib-samples 16] [--seq-len 256] [--eval-tokens 4096] [--threads 1]
+Usage: python bench/ptq.py [--calib-samples 16] [--seq-len 256] [--eval-tokens 4096] [--threads 1] [--sequential]
 """
 
 from __future__ import annotations
@@ -120,12 +120,14 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--sequential", action="store_true", help="also rows for block-by-block GPTQ calibration")
     add_ptq_peer_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from safetensors.torch import save_file
 
     from nvfp4kit.calibrate.data import calibration_samples, load_text, tokenize
+    from nvfp4kit.calibrate.weight_scales import WEIGHT_SCALE_METHODS
     from nvfp4kit.evaluate.emulation import apply_quantized
     from nvfp4kit.evaluate.perplexity import perplexity
     from nvfp4kit.pipelines.eval import load_quantized_model
@@ -176,8 +178,17 @@ def main() -> None:
             apply_quantized(mm, r.qmodel, quantize_inputs=with_inputs)
             rows.append((f"nvfp4kit {scheme}", method, ppl(mm, f"nvfp4kit {scheme} {method}"), method_s[method]))
             del mm
+    if args.sequential:  # block-by-block calibration (its own passes; the time includes them)
+        t0 = time.perf_counter()
+        r = quantize_model(model, samples, "w4a4", "gptq", sequential=True)
+        secs = time.perf_counter() - t0
+        for scheme, with_inputs in (("W4A16", False), ("W4A4", True)):
+            mm = copy.deepcopy(model)
+            apply_quantized(mm, r.qmodel, quantize_inputs=with_inputs)
+            rows.append((f"nvfp4kit {scheme}", "gptq, sequential", ppl(mm, f"nvfp4kit {scheme} gptq seq"), secs))
+            del mm
 
-    best = min((r for r in rows if r[0] == "nvfp4kit W4A4"), key=lambda r: r[2])
+    best = min((r for r in rows if r[0] == "nvfp4kit W4A4" and r[1] in WEIGHT_SCALE_METHODS), key=lambda r: r[2])
     timing = {}
     # like for like with llm-compressor's round-to-nearest (max), and the best method
     for method in dict.fromkeys(["max", best[1]]):
