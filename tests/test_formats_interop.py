@@ -139,6 +139,8 @@ def e2m1_threshold_between(a, b) -> np.ndarray:
 def test_torchao_follows_the_modelled_order(seed, shape, dtype, log2_scale, kind, our_g):
     x = random_input(seed, shape, dtype, log2_scale, kind)
     amax = x.float().abs().max()
+    if float(amax) == 0 and not our_g:
+        return  # torchao's per-tensor scale of an all-zero tensor is 0 and it divides by it; not a comparison point
     g = nk.quantize(x).global_scale if our_g else ao.per_tensor_amax_to_scale(amax)
     t = run_torchao(x, g)
     m = model_torchao(x, g)
@@ -175,7 +177,9 @@ def test_parts_are_exchangeable_with_torchao(seed, shape, dtype, kind):
     # torchao -> ours
     t2 = run_torchao(x, ao.per_tensor_amax_to_scale(x.float().abs().max()))
     ours = nk.NVFP4Tensor(t2.qdata.view(torch.uint8), t2.scale, t2.per_tensor_scale, dtype)
-    assert torch.equal(ours.dequantize(torch.float32), t2.dequantize(torch.float32))
+    # an all-zero tensor gets torchao per-tensor scale 0 and NaN block scales: both sides then give NaN alike
+    torch.testing.assert_close(ours.dequantize(torch.float32), t2.dequantize(torch.float32), rtol=0, atol=0,
+                               equal_nan=float(x.float().abs().max()) == 0)
 
 
 @given(SEEDS, SHAPES, st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), KINDS)
