@@ -40,6 +40,10 @@ def train_cmd(
     backend: str = typer.Option("emulated", help="emulated, or te (Transformer Engine NVFP4, sm100+ GPUs)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     resume: bool = typer.Option(True, help="continue from the latest checkpoint in --out"),
+    stop_after: Optional[int] = typer.Option(
+        None, "--stop-after", min=1,
+        help="end (with a checkpoint) after this many steps of this invocation, e.g. to fit a job time limit; "
+             "run again with the same options to continue"),
 ) -> None:
     """Train a model preset with a low-precision recipe; prints each Linear's precision first."""
     from ..pipelines.train import TrainOptions, run_training
@@ -54,7 +58,7 @@ def train_cmd(
         raise typer.BadParameter(str(e), param_hint="--model-set") from e
     opts = TrainOptions(out=out, preset=preset, model_overrides=overrides, recipe=recipe, flags=tuple(flag), data=list(data),
                         tokenizer=tokenizer, val_fraction=val_fraction, train=cfg, parallel=parallel,
-                        backend=backend, device=device, resume=resume)
+                        backend=backend, device=device, resume=resume, stop_after=stop_after)
     try:
         summary = run_training(opts)
     except (ValueError, FileNotFoundError) as e:

@@ -213,6 +213,8 @@ def load_checkpoint(path, model, optimizer) -> tuple[dict, dict[str, torch.Tenso
 
 
 def full_model_state_keys(model) -> list[str]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    """The model's state-dict names, the same on every rank. (Sharded, not gathered: a full state
+    dict with CPU offload reaches rank 0 only, so other ranks would see no names at all.)"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return list(get_model_state_dict(model, options=_options()).keys())
+    return list(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).keys())
