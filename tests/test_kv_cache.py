@@ -417,6 +417,14 @@ def test_cli_kv_cache_end_to_end(llama_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "FP8 KV cache: static scales for 2 attention layers" in text(res)
     assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["kv_cache_quant_algo"] == "FP8"
+    import nvfp4kit.cli.inspect_cmd  # noqa: F401
+    from nvfp4kit.checkpoint import load_quantized
+
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 0, res.output
+    kv = load_quantized(out).kv_cache_amax
+    ks = [k for k, _ in kv.values()]
+    assert f"FP8 KV cache: static scales for 2 attention layers (key amax {min(ks):.4g}..{max(ks):.4g}" in text(res)
     res = runner.invoke(app, ["eval", "--model", str(out), "--text", str(llama_dir / "calib.txt"),
                               "--seq-len", "32", "--max-tokens", "64"])
     assert res.exit_code == 0, res.output

@@ -42,5 +42,11 @@ def inspect_cmd(
     if r.exclude_modules:
         console.print(f"kept in high precision: {', '.join(r.exclude_modules[:12])}"
                       + (" ..." if len(r.exclude_modules) > 12 else ""))
+    if r.kv_cache_format:
+        ks = [k for k, _ in r.kv_cache_amax.values()]
+        vs = [v for _, v in r.kv_cache_amax.values()]
+        console.print(f"{r.kv_cache_format.upper()} KV cache: static scales for {len(r.kv_cache_amax)} attention layers"
+                      + (f" (key amax {min(ks):.4g}..{max(ks):.4g}, value amax {min(vs):.4g}..{max(vs):.4g})"
+                         if ks else ""))
     if r.plot is not None:
         console.print(f"wrote {r.plot}")

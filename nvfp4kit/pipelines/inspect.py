@@ -22,6 +22,8 @@ class InspectResult:
     n_tensors: int
     exclude_modules: list[str]
     plot: Path | None = None
+    kv_cache_format: str | None = None  # "fp8" for a static FP8 KV cache
+    kv_cache_amax: dict[str, tuple[float, float]] | None = None  # attention -> (k_amax, v_amax)
 
 
 def reference_weights(source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
@@ -52,4 +54,5 @@ def inspect_checkpoint(path: str | os.PathLike, against: str | os.PathLike | Non
         if ref is None:
             raise ValueError("--plot needs --against SOURCE (the per-layer error is measured against it)")
         plot_path = plot_layer_errors(rows, plot, title=f"{p.name}: relative weight error per layer")
-    return InspectResult(str(p), info.format, rows, len(qm.tensors), list(qm.exclude_modules), plot_path)
+    return InspectResult(str(p), info.format, rows, len(qm.tensors), list(qm.exclude_modules), plot_path,
+                         qm.kv_cache_format, dict(qm.kv_cache_amax))
