@@ -314,3 +314,13 @@ def test_conv1d_models_get_a_clear_error():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)).eval()
     with pytest.raises(ValueError, match="Conv1D"):
         quantize_model(model, None, "w4a16", "max")
+
+
+def test_encoder_decoder_models_are_refused_clearly(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                        d_kv=16)).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        load_source_model(tmp_path / "t5")

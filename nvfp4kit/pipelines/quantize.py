@@ -133,7 +133,11 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
                 model = load_pretrained(p, dtype=dtype)
                 kind = "hybrid"
             else:
-                model_class = hf_model_class(AutoConfig.from_pretrained(str(p)))
+                config = AutoConfig.from_pretrained(str(p))
+                if getattr(config, "is_encoder_decoder", False):
+                    raise ValueError(f"--model {str(p)!r} is an encoder-decoder model ({config.model_type}); "
+                                     "nvfp4kit calibrates and evaluates decoder-only LMs and encoders")
+                model_class = hf_model_class(config)
                 model = model_class.cls.from_pretrained(str(p), dtype=dtype)
                 kind, task = "hf", model_class.kind
             tok = _tokenizer_or_none(p)
