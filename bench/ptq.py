@@ -15,7 +15,7 @@ disjoint), in one run:
 llm-compressor pins an older compressed-tensors; it can live in its own environment:
 ``--llmc-python /path/to/venv/bin/python`` (default: this interpreter).
 
-Usage: python bench/ptq.py [--calib-samples 16] [--seq-len 256] [--eval-tokens 4096] [--threads 1] [--sequential]
+Usage: python bench/ptq.py [--calib-samples 16] [--seq-len 256] [--eval-tokens 4096] [--threads 1] [--sequential] [--kv-cache]
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--sequential", action="store_true", help="also rows for block-by-block GPTQ calibration")
+    ap.add_argument("--kv-cache", action="store_true", help="also a row for W4A4 GPTQ with a static FP8 KV cache")
     add_ptq_peer_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +129,7 @@ def main() -> None:
 
     from nvfp4kit.calibrate.data import calibration_samples, load_text, tokenize
     from nvfp4kit.calibrate.weight_scales import WEIGHT_SCALE_METHODS
-    from nvfp4kit.evaluate.emulation import apply_quantized
+    from nvfp4kit.evaluate.emulation import apply_kv_cache, apply_quantized
     from nvfp4kit.evaluate.perplexity import perplexity
     from nvfp4kit.pipelines.eval import load_quantized_model
     from nvfp4kit.pipelines.quantize import calibrate_model, embedded_model_path, load_source_model, quantize_model
@@ -178,6 +179,15 @@ def main() -> None:
             apply_quantized(mm, r.qmodel, quantize_inputs=with_inputs)
             rows.append((f"nvfp4kit {scheme}", method, ppl(mm, f"nvfp4kit {scheme} {method}"), method_s[method]))
             del mm
+    if args.kv_cache:  # GPTQ W4A4 plus a static FP8 KV cache (post-RoPE keys/values, calibrated on the same samples)
+        t0 = time.perf_counter()
+        r = quantize_model(model, samples, "w4a4", "gptq", stats=stats, kv_cache="fp8")
+        secs = time.perf_counter() - t0
+        mm = copy.deepcopy(model)
+        apply_quantized(mm, r.qmodel, quantize_inputs=True)
+        apply_kv_cache(mm, r.qmodel)
+        rows.append(("nvfp4kit W4A4 + FP8 KV cache", "gptq", ppl(mm, "nvfp4kit W4A4 gptq + FP8 KV"), secs))
+        del mm
     if args.sequential:  # block-by-block calibration (its own passes; the time includes them)
         t0 = time.perf_counter()
         r = quantize_model(model, samples, "w4a4", "gptq", sequential=True)
