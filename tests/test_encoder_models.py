@@ -324,3 +324,27 @@ def test_encoder_decoder_models_are_refused_clearly(tmp_path):
                                         d_kv=16)).save_pretrained(tmp_path / "t5")
     with pytest.raises(ValueError, match="encoder-decoder"):
         load_source_model(tmp_path / "t5")
+
+
+def test_transformers_loads_the_compressed_tensors_encoder_export(bert_dir, tmp_path):
+    """transformers (with compressed-tensors) reads our encoder export back as a BertModel whose Linear
+    weights are our dequantized weights (in its bfloat16) and whose outputs match ours."""
+    from transformers import AutoModel, CompressedTensorsConfig
+
+    out = tmp_path / "bert-ct"
+    result, path = run_quantize(QuantizeJob(model=str(bert_dir), out=str(out), format="compressed-tensors",
+                                            scheme="w4a16", weight_scale="max"))
+    hf = AutoModel.from_pretrained(str(path), dtype=torch.float32,
+                                   quantization_config=CompressedTensorsConfig(run_compressed=False))
+    assert type(hf) is BertModel
+    ours = BertModel.from_pretrained(str(bert_dir), dtype=torch.float32).eval()
+    assert result.qmodel.linears
+    for name, rec in result.qmodel.linears.items():
+        w_hf = hf.get_submodule(name).weight
+        assert torch.equal(w_hf.float(), dequantize_weight(rec).to(w_hf.dtype).float()), name
+        ours.get_submodule(name).weight.data = w_hf.detach().float()
+    hf = hf.float().eval()
+    ids = torch.randint(5, 48, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).last_hidden_state, ours(input_ids=ids).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
