@@ -74,8 +74,9 @@ class EmulatedLinear(nn.Module):
 
 
 def apply_quantized(model: nn.Module, qmodel: QuantizedModel, dtype: torch.dtype = torch.float32,
-                    quantize_inputs: bool = True) -> int:
-    """Swap the Linears of ``model`` named in ``qmodel.linears`` for :class:`EmulatedLinear`; returns how many."""
+                    quantize_inputs: bool = True) -> dict[str, nn.Module]:
+    """Swap the Linears of ``model`` named in ``qmodel.linears`` for :class:`EmulatedLinear`; returns the
+    replaced modules by name (to put back, e.g. after sequential calibration)."""
     modules = dict(model.named_modules())
     missing = [n for n in qmodel.linears if n not in modules]
     if missing:
@@ -87,7 +88,7 @@ def apply_quantized(model: nn.Module, qmodel: QuantizedModel, dtype: torch.dtype
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         setattr(parent, attr, EmulatedLinear(q, dtype, quantize_inputs))
-    return len(qmodel.linears)
+    return {name: modules[name] for name in qmodel.linears}
 
 
 def apply_kv_cache(model: nn.Module, qmodel: QuantizedModel) -> KVHookHandle | None:

@@ -286,16 +286,10 @@ def quantize_model(
 
 def _emulate_in_place(model: nn.Module, records: dict[str, QuantizedLinearWeight]) -> dict[str, nn.Module]:
     """Swap the named Linears for modules computing with their records; returns the originals."""
-    from ..evaluate.emulation import EmulatedLinear
+    from ..evaluate.emulation import apply_quantized
 
-    modules = dict(model.named_modules())
-    originals = {}
-    for name, rec in records.items():
-        original = modules[name]
-        parent_name, _, attr = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, attr, EmulatedLinear(rec, original.weight.dtype))
-        originals[name] = original
-    return originals
+    dtype = next(model.parameters()).dtype
+    return apply_quantized(model, QuantizedModel(linears=records), dtype)
 
 
 def _quantize_linears(model: nn.Module, quantized: list[str], plan: PrecisionPlan, stats: dict[str, LinearStats],
