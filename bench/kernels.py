@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
 from nvfp4kit.formats import gemm as ref_gemm  # noqa: E402
 from nvfp4kit.formats import mx as ref_mx  # noqa: E402
 from nvfp4kit.formats import nvfp4 as ref  # noqa: E402
+from nvfp4kit.formats.hadamard import rht_butterfly  # noqa: E402
 from nvfp4kit.kernels import triton_nvfp4 as tk  # noqa: E402
 from results import write_results_section  # noqa: E402
 
@@ -110,9 +111,9 @@ def cases(x: torch.Tensor):
              (parts, ref.quantize_parts(x.t(), global_amax=amax))))),
         ("RHT + quantize 1x16, amax given", n * s + q_out,
          launch(row=True, col=False, two_d=False, stochastic=False, row_rht=True, sign_mask=tk._sign_mask(None)),
-         lambda: ref.quantize_parts(tk.rht_reference(x), global_amax=amax),
+         lambda: ref.quantize_parts(rht_butterfly(x), global_amax=amax),
          lambda: parts_equal(tk.rht_quantize(x, global_amax=amax),
-                             ref.quantize_parts(tk.rht_reference(x), global_amax=amax))),
+                             ref.quantize_parts(rht_butterfly(x), global_amax=amax))),
         ("dequantize -> input dtype", q_out + n * s, lambda: tk.dequantize(parts, x.dtype),
          lambda: ref.dequantize_parts(parts.packed, parts.block_scale, parts.global_decode_scale, x.dtype),
          lambda: torch.equal(tk.dequantize(parts, x.dtype),

@@ -1,6 +1,7 @@
 """nvfp4kit: NVFP4 quantization, compression and low-precision training toolkit."""
 
 from .api import dequantize, quantize
+from .checkpoint.nvfp4_file import load_nvfp4, save_nvfp4
 from .formats import (
     BLOCK_1D,
     BLOCK_2D,
@@ -13,14 +14,12 @@ from .formats import (
     global_decode_scale,
     global_encode_scale,
     inverse_rht,
-    load_nvfp4,
     mx_dequantize,
     mx_quantize,
     mxfp4_quantize,
     mxfp8_quantize,
     nvfp4_gemm,
     rht,
-    save_nvfp4,
 )
 
 __version__ = "0.1.0"

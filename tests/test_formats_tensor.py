@@ -296,7 +296,9 @@ def test_load_with_a_missing_part_raises(tmp_path):
         meta = f.metadata()
     del flat["w.block_scale"]
     save_file(flat, str(path), metadata=meta)
-    with pytest.raises(KeyError, match="block_scale"):
+    from nvfp4kit.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"block_scale.*m\.safetensors"):
         nk.load_nvfp4(path)
 
 

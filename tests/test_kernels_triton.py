@@ -20,6 +20,7 @@ from nvfp4kit.formats import gemm as ref_gemm  # noqa: E402
 from nvfp4kit.formats import hadamard, mx  # noqa: E402
 from nvfp4kit.formats import nvfp4 as ref  # noqa: E402
 from nvfp4kit.formats.e2m1 import E2M1_MAGNITUDES, unpack_nibbles  # noqa: E402
+from nvfp4kit.formats.hadamard import rht_butterfly  # noqa: E402
 from nvfp4kit.kernels import dispatch  # noqa: E402
 from nvfp4kit.kernels import triton_nvfp4 as tk  # noqa: E402
 
@@ -306,14 +307,14 @@ def test_stochastic_columnwise_and_rht_operands_pick_neighbours():
     x = rand_tensor((32, 48), torch.bfloat16, 25, 4)
     gen = torch.Generator(DEVICE).manual_seed(3)
     rw, cw = tk.quantize_rowwise_columnwise(x, rounding="stochastic", generator=gen, columnwise_rht=True)
-    for operand, parts in ((x, rw), (tk.rht_reference(x.t()), cw)):
+    for operand, parts in ((x, rw), (rht_butterfly(x.t()), cw)):
         nearest = ref.quantize_parts(operand)
         assert torch.equal(u8(parts.block_scale).cpu(), u8(nearest.block_scale).cpu())
         codes = unpack_nibbles(parts.packed.cpu()).long()
         _, lo, hi = _neighbours(operand.cpu(), nearest)
         assert bool((((codes & 7) == lo) | ((codes & 7) == hi)).all())
     # the two outputs draw from different streams: not the nearest codes everywhere
-    assert not torch.equal(cw.packed, ref.quantize_parts(tk.rht_reference(x.t())).packed)
+    assert not torch.equal(cw.packed, ref.quantize_parts(rht_butterfly(x.t())).packed)
 
 
 def test_stochastic_rounding_is_unbiased():
@@ -348,17 +349,17 @@ def rht_loop_reference(x: torch.Tensor, sign) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-def test_rht_reference_is_the_orthonormal_transform():
+def test_rht_butterfly_is_the_orthonormal_transform():
     x = rand_tensor((8, 64), torch.float32, 15, 3).cpu()
     sign = hadamard.DEFAULT_RHT_SIGN
-    y = tk.rht_reference(x)
+    y = rht_butterfly(x)
     torch.testing.assert_close(y.double(), rht_loop_reference(x, sign), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y, hadamard.rht(x), rtol=1e-6, atol=1e-6)
     # on small integers every sum is exact, so the butterfly equals the float64 loops exactly
     xi = torch.randint(-50, 50, (4, 32), generator=torch.Generator().manual_seed(3)).float()
-    assert torch.equal(tk.rht_reference(xi).double(), rht_loop_reference(xi, sign))
+    assert torch.equal(rht_butterfly(xi).double(), rht_loop_reference(xi, sign))
     other = [1, -1] * 8
-    assert torch.equal(tk.rht_reference(xi, other).double(), rht_loop_reference(xi, other))
+    assert torch.equal(rht_butterfly(xi, other).double(), rht_loop_reference(xi, other))
 
 
 @settings(max_examples=EXAMPLES)
@@ -369,7 +370,7 @@ def test_rowwise_columnwise_one_launch_matches_reference(t16, kb, dtype, seed, u
     tile = (16, 32) if small_tile else None
     rw, cw = tk.quantize_rowwise_columnwise(x, columnwise_rht=use_rht, tile=tile)
     assert_parts_equal(rw, ref.quantize_parts(x))
-    xt = tk.rht_reference(x.t()) if use_rht else x.t()
+    xt = rht_butterfly(x.t()) if use_rht else x.t()
     assert_parts_equal(cw, ref.quantize_parts(xt))
 
 
@@ -378,7 +379,7 @@ def test_rowwise_columnwise_batched_input_caller_amax_and_stochastic():
     x2 = x.reshape(-1, 32)
     rw, cw = tk.quantize_rowwise_columnwise(x, global_amax=2.0, columnwise_rht=True, columnwise_global_amax=3.0)
     assert_parts_equal(rw, ref.quantize_parts(x, global_amax=2.0))
-    assert_parts_equal(cw, ref.quantize_parts(tk.rht_reference(x2.t()), global_amax=3.0))
+    assert_parts_equal(cw, ref.quantize_parts(rht_butterfly(x2.t()), global_amax=3.0))
     s1 = tk.quantize_rowwise_columnwise(x, rounding="stochastic", generator=torch.Generator(DEVICE).manual_seed(2))
     s2 = tk.quantize_rowwise_columnwise(x, rounding="stochastic", generator=torch.Generator(DEVICE).manual_seed(2))
     for a, b in zip(s1, s2):
@@ -394,11 +395,11 @@ def test_rowwise_columnwise_batched_input_caller_amax_and_stochastic():
 def test_rht_quantize_matches_reference(dtype):
     dy = rand_tensor((48, 32), dtype, 17, 6)
     for v in (dy, dy.t()):  # the wgrad operand is the transposed view, read in place
-        assert_parts_equal(tk.rht_quantize(v), ref.quantize_parts(tk.rht_reference(v)))
+        assert_parts_equal(tk.rht_quantize(v), ref.quantize_parts(rht_butterfly(v)))
     sign = [-1, 1] * 8
     assert_parts_equal(tk.rht_quantize(dy, rht_sign=sign, tile=(16, 16)),
-                       ref.quantize_parts(tk.rht_reference(dy, sign)))
-    assert_parts_equal(tk.rht_quantize(dy, global_amax=1.0), ref.quantize_parts(tk.rht_reference(dy), global_amax=1.0))
+                       ref.quantize_parts(rht_butterfly(dy, sign)))
+    assert_parts_equal(tk.rht_quantize(dy, global_amax=1.0), ref.quantize_parts(rht_butterfly(dy), global_amax=1.0))
     r1 = tk.rht_quantize(dy, rounding="stochastic", generator=torch.Generator(DEVICE).manual_seed(9))
     r2 = tk.rht_quantize(dy, rounding="stochastic", generator=torch.Generator(DEVICE).manual_seed(9))
     assert_parts_equal(r1, r2)
@@ -411,7 +412,7 @@ def test_global_amax_two_phase(dtype):
     x = rand_tensor((37, 80), dtype, 18, 20)
     assert torch.equal(tk.global_amax(x).cpu(), x.float().abs().amax().cpu())
     assert torch.equal(tk.global_amax(x.t()).cpu(), x.float().abs().amax().cpu())
-    assert torch.equal(tk.global_amax(x, rht=True).cpu(), tk.rht_reference(x).abs().amax().cpu())
+    assert torch.equal(tk.global_amax(x, rht=True).cpu(), rht_butterfly(x).abs().amax().cpu())
     assert float(tk.global_amax(torch.zeros(3, 16, device=DEVICE))) == 0.0
     assert float(tk.global_amax(torch.zeros(0, 16, device=DEVICE))) == 0.0
     with pytest.raises(ValueError, match="NaN or inf"):

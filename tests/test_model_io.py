@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nvfp4kit.formats.linear import LinearPrecision
+from nvfp4kit.training.precision import LinearPrecision
 from nvfp4kit.model import (CheckpointError, Linear, build_model, iter_linears, load_pretrained, make_linear,
                             save_pretrained, set_precision)
 from nvfp4kit.model.io import INDEX_NAME, read_header_shapes
@@ -161,8 +161,6 @@ def test_nvfp4_needs_multiples_of_16():
         make_linear(24, 16, precision="nvfp4")
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "nvfp4kit", "formats",
-                                                    "qlinear.py")), reason="quantized linear formats not present")
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "fp8"])
 def test_low_precision_smoke(fmt):
     m = build_model("micro").eval()

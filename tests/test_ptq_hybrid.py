@@ -8,7 +8,7 @@ import math
 import torch
 
 from nvfp4kit.evaluate.emulation import apply_quantized
-from nvfp4kit.model.linear import iter_linears
+from nvfp4kit.training.linear import iter_linears
 from nvfp4kit.model.lm import build_model
 from nvfp4kit.pipelines.eval import load_quantized_model
 from nvfp4kit.pipelines.quantize import QuantizeJob, quantize_model, run_quantize

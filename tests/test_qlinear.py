@@ -17,8 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nvfp4kit.formats import dequantize_parts, quantize_parts
-from nvfp4kit.formats.linear import LinearPrecision, quantized_linear
-from nvfp4kit.formats.qlinear import emulated_linear
+from nvfp4kit.training.precision import LinearPrecision
+from nvfp4kit.training.qlinear import quantized_linear
+from nvfp4kit.training.qlinear import emulated_linear
 
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 TE_SIGN = [1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1]
@@ -300,7 +301,7 @@ def test_bf16_is_plain_linear_and_bad_shapes_are_named():
 
 def test_operand_values_equal_block_values_and_backends_agree():
     from nvfp4kit.formats.nvfp4 import block_values
-    from nvfp4kit.formats.qlinear import operand_values
+    from nvfp4kit.training.qlinear import operand_values
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(37, 96, generator=g) * 3
@@ -310,7 +311,7 @@ def test_operand_values_equal_block_values_and_backends_agree():
     # the linear's numbers do not depend on the quantization backend
     w = torch.randn(32, 96, generator=g)
     p = LinearPrecision("nvfp4", stochastic_rounding=False)
-    import nvfp4kit.formats.qlinear as ql
+    import nvfp4kit.training.qlinear as ql
 
     y_fast = quantized_linear(x, w, None, p)
     ql._backend_for.cache_clear()
@@ -327,7 +328,7 @@ def test_operand_values_equal_block_values_and_backends_agree():
 
 def test_wgrad_rht_equals_the_format_core_rht():
     from nvfp4kit.formats.hadamard import rht
-    from nvfp4kit.formats.qlinear import wgrad_operands
+    from nvfp4kit.training.qlinear import wgrad_operands
 
     g = torch.Generator().manual_seed(8)
     dy, x = torch.randn(40, 32, generator=g), torch.randn(40, 48, generator=g).bfloat16()

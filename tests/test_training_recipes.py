@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from nvfp4kit import progress
-from nvfp4kit.formats.linear import LinearPrecision
+from nvfp4kit.training.precision import LinearPrecision
 from nvfp4kit.model.lm import build_model
-from nvfp4kit.model.linear import Linear, iter_linears
+from nvfp4kit.training.linear import Linear, iter_linears
 from nvfp4kit.training.recipes import Recipe, Rule, apply_recipe, get_recipe, parse_flags, resolve_recipe
 
 

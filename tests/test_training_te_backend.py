@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nvfp4kit.formats.linear import LinearPrecision, quantized_linear
-from nvfp4kit.model.linear import Linear
+from nvfp4kit.training.precision import LinearPrecision
+from nvfp4kit.training.qlinear import quantized_linear
+from nvfp4kit.training.linear import Linear
 from nvfp4kit.training.te_backend import te_status, use_te_backend
 
 OK, WHY = te_status()

@@ -61,3 +61,22 @@ def rht(x: torch.Tensor, dim: int = -1, sign=None, size: int = RHT_SIZE) -> torc
 def inverse_rht(x: torch.Tensor, dim: int = -1, sign=None, size: int = RHT_SIZE) -> torch.Tensor:
     """Undo :func:`rht` (multiply each block by H^T)."""
     return _apply(x, dim, rht_matrix(sign, size).t().contiguous(), "inverse_rht")
+
+
+def rht_butterfly(x: torch.Tensor, sign=None) -> torch.Tensor:
+    """The 16-point RHT along the last dim as the fused kernels compute it, in float32: each 16-group becomes
+    ``((x * sign) @ Hadamard16) * 0.25`` with the Hadamard product as a butterfly over index bits
+    0, 1, 2, 3 in that order (so the result is reproducible to the bit). Equals
+    ``formats.hadamard.rht(x.float())`` up to float32 rounding of the sums."""
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"rht: expected a floating tensor, got {x.dtype}")
+    if x.ndim == 0 or x.shape[-1] % RHT_SIZE:
+        raise ValueError(f"rht: last dim of shape {tuple(x.shape)} must be a multiple of {RHT_SIZE}")
+    s = torch.as_tensor(DEFAULT_RHT_SIGN if sign is None else sign, dtype=torch.float32, device=x.device)
+    rht_matrix(s)  # validates the vector
+    y = x.float().reshape(-1, RHT_SIZE) * s
+    for h in (1, 2, 4, 8):
+        v = y.reshape(-1, RHT_SIZE // (2 * h), 2, h)
+        a, b = v[:, :, 0, :], v[:, :, 1, :]
+        y = torch.stack([a + b, a - b], dim=2).reshape(-1, RHT_SIZE)
+    return (y * 0.25).reshape(x.shape)

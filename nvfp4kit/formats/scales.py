@@ -35,6 +35,13 @@ def _as_fp32_tensor(x, device=None) -> torch.Tensor:
     return t
 
 
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` as a float32 0-dim tensor on x's device (0 for an empty tensor); no autograd."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return x.detach().abs().amax().float()
+
+
 def global_encode_scale(amax, range_max: float = NVFP4_RANGE) -> torch.Tensor:
     """S_enc = min(range_max / amax, FLT_MAX); 1 where amax is 0 or inf. Float32, same shape as amax.
 

@@ -1,8 +1,14 @@
 """Triton kernels for the hot paths of the NVFP4 format core.
 
-Every kernel here has a plain torch reference in :mod:`nvfp4kit.formats` (or, for the fused RHT, in
-:func:`rht_reference` below) and is tested against it bit for bit under the Triton interpreter
-(``TRITON_INTERPRET=1`` on CPU tensors). On CUDA the same source compiles to GPU code.
+Every kernel here has a plain torch reference in :mod:`nvfp4kit.formats` (for the fused RHT,
+:func:`nvfp4kit.formats.hadamard.rht_butterfly`) and is tested against it bit for bit under the Triton
+interpreter (``TRITON_INTERPRET=1`` on CPU tensors). On CUDA the same source compiles to GPU code.
+
+Which kernels the library calls today: only :func:`quantize_parts`, through
+:mod:`nvfp4kit.kernels.dispatch` (``backend="auto"`` on CUDA tensors). The others
+(:func:`quantize_rowwise_columnwise`, :func:`rht_quantize`, :func:`global_amax`, :func:`dequantize`,
+:func:`nvfp4_gemm`, :func:`mxfp8_quantize`) are exact and tested, and are reached from benchmarks and
+tests only until the training recipe's CUDA path (``nvfp4kit.training.qlinear``) is wired to them.
 
 Kernels
 -------
@@ -66,7 +72,6 @@ __all__ = [
     "quantize_parts",
     "quantize_rowwise_columnwise",
     "rht_quantize",
-    "rht_reference",
     "global_amax",
     "dequantize",
     "nvfp4_gemm",
@@ -148,7 +153,7 @@ def _global_scales(amax, RANGE: tl.constexpr):
 def _rht16(x, R: tl.constexpr, C: tl.constexpr, SIGN_MASK: tl.constexpr):
     """Blockwise RHT of a [R, C] float32 tile along its last dim: each 16-group becomes
     ((x * sign) @ Hadamard16) * 0.25, the Hadamard product as a radix-2 butterfly over index bits
-    0, 1, 2, 3 in that order (the order :func:`rht_reference` uses)."""
+    0, 1, 2, 3 in that order (the order :func:`~nvfp4kit.formats.hadamard.rht_butterfly` uses)."""
     N: tl.constexpr = R * (C // 16)
     idx = tl.arange(0, 16)
     # the sign is applied by flipping the sign bit (no multiply that could be contracted into an FMA)
@@ -626,8 +631,10 @@ def quantize_rowwise_columnwise(x: torch.Tensor, *, rounding="nearest", generato
     blocks along T) from one read of ``x`` in one launch.
 
     Bit-identical (nearest) to ``reference(x2)`` and ``reference(x2.T)`` where ``x2 = x.reshape(-1, K)``;
-    with ``columnwise_rht=True`` the columnwise operand is ``rht_reference(x2.T)`` (amax after the transform,
+    with ``columnwise_rht=True`` the columnwise operand is ``rht_butterfly(x2.T)`` (amax after the transform,
     kept in float32), as the wgrad GEMM needs. ``T`` must be a multiple of 16.
+
+    Not called by library code yet (benchmarks and tests only; see the module docstring).
     """
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
@@ -666,31 +673,15 @@ def quantize_rowwise_columnwise(x: torch.Tensor, *, rounding="nearest", generato
     return rw, cw
 
 
-def rht_reference(x: torch.Tensor, sign=None) -> torch.Tensor:
-    """Torch reference of the fused kernels' RHT along the last dim, in float32: each 16-group becomes
-    ``((x * sign) @ Hadamard16) * 0.25`` with the Hadamard product as a butterfly over index bits
-    0, 1, 2, 3 in that order (so the result is reproducible to the bit). Equals
-    ``formats.hadamard.rht(x.float())`` up to float32 rounding of the sums."""
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"rht: expected a floating tensor, got {x.dtype}")
-    if x.ndim == 0 or x.shape[-1] % RHT_SIZE:
-        raise ValueError(f"rht: last dim of shape {tuple(x.shape)} must be a multiple of {RHT_SIZE}")
-    s = torch.as_tensor(DEFAULT_RHT_SIGN if sign is None else sign, dtype=torch.float32, device=x.device)
-    rht_matrix(s)  # validates the vector
-    y = x.float().reshape(-1, RHT_SIZE) * s
-    for h in (1, 2, 4, 8):
-        v = y.reshape(-1, RHT_SIZE // (2 * h), 2, h)
-        a, b = v[:, :, 0, :], v[:, :, 1, :]
-        y = torch.stack([a + b, a - b], dim=2).reshape(-1, RHT_SIZE)
-    return (y * 0.25).reshape(x.shape)
-
-
 @torch.no_grad()
 def rht_quantize(x: torch.Tensor, *, rounding="nearest", generator=None, global_amax=None, rht_sign=None,
                  name: str = "input", tile=None) -> NVFP4Parts:
     """Fused RHT (16-point, along the last dim, sign vector applied in registers) + 1x16 quantize, amax
-    taken after the transform. Bit-identical (nearest) to ``reference(rht_reference(x))``. For a wgrad
-    operand pass the transposed view (``dy.t()``): strides are read in place, no copy."""
+    taken after the transform. Bit-identical (nearest) to ``reference(rht_butterfly(x))``. For a wgrad
+    operand pass the transposed view (``dy.t()``): strides are read in place, no copy.
+
+    Not called by library code yet (benchmarks and tests only; see the module docstring).
+    """
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     x = _prepare(x, name, BLOCK_1D)
@@ -714,8 +705,11 @@ def rht_quantize(x: torch.Tensor, *, rounding="nearest", generator=None, global_
 
 @torch.no_grad()
 def global_amax(x: torch.Tensor, *, rht: bool = False, rht_sign=None, name: str = "input") -> torch.Tensor:
-    """max |x| (float32 0-dim) as a two-phase reduction; with ``rht=True`` max |rht_reference(x)|.
-    NaN/inf raise ``ValueError``."""
+    """max |x| (float32 0-dim) as a two-phase reduction; with ``rht=True`` max |rht_butterfly(x)|.
+    NaN/inf raise ``ValueError``.
+
+    Not called by library code yet (benchmarks and tests only; see the module docstring).
+    """
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.ndim == 0:
@@ -755,7 +749,10 @@ def _check_parts(parts: NVFP4Parts, name: str):
 @torch.no_grad()
 def dequantize(parts: NVFP4Parts, dtype: torch.dtype = torch.float32, *, name: str = "input") -> torch.Tensor:
     """``e2m1_value * (fp32(block_scale) * global_decode_scale)`` cast to ``dtype`` (RTNE); bit-identical to
-    ``formats.nvfp4.dequantize_parts``."""
+    ``formats.nvfp4.dequantize_parts``.
+
+    Not called by library code yet (benchmarks and tests only; see the module docstring).
+    """
     _check_parts(parts, name)
     if dtype not in _OUT_KIND:
         raise TypeError(f"{name}: dequantize writes float32/bfloat16/float16, got {dtype}")
@@ -782,7 +779,10 @@ def nvfp4_gemm(a: NVFP4Parts, b: NVFP4Parts, out_dtype: torch.dtype = torch.floa
                tile=(32, 32, 64)) -> torch.Tensor:
     """Emulated NVFP4 GEMM ``a [..., M, K] @ b [N, K]^T``: ``tl.dot`` on dequantized tiles (exact in
     tf32) with float32 accumulation, times ``g_a * g_b`` once at the end. Equals
-    ``formats.gemm.nvfp4_gemm`` up to the float32 summation order (bit-identical when the sums are exact)."""
+    ``formats.gemm.nvfp4_gemm`` up to the float32 summation order (bit-identical when the sums are exact).
+
+    Not called by library code yet (benchmarks and tests only; see the module docstring).
+    """
     _check_parts(a, "a")
     _check_parts(b, "b")
     ka, kb = a.packed.shape[-1] * 2, b.packed.shape[-1] * 2
@@ -819,7 +819,10 @@ def nvfp4_gemm(a: NVFP4Parts, b: NVFP4Parts, out_dtype: torch.dtype = torch.floa
 @torch.no_grad()
 def mxfp8_quantize(x: torch.Tensor, scale_rule: str = "rceil", *, name: str = "input") -> MXParts:
     """MXFP8 (E4M3 elements, E8M0 scale per 32 along the last dim); bit-identical to
-    ``formats.mx.mx_quantize(x, "e4m3", scale_rule)``."""
+    ``formats.mx.mx_quantize(x, "e4m3", scale_rule)``.
+
+    Not called by library code yet (benchmarks and tests only; see the module docstring).
+    """
     if scale_rule not in ("rceil", "floor"):
         raise ValueError(f"scale_rule must be 'rceil' or 'floor', got {scale_rule!r}")
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:

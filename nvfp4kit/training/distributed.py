@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import progress
-from ..formats import qlinear
+from . import qlinear
 
 
 @dataclass
@@ -96,7 +96,7 @@ def exclude_data_dependent_linears(model: torch.nn.Module) -> list[str]:
     import re
     from dataclasses import replace
 
-    from ..model.linear import iter_linears
+    from .linear import iter_linears
 
     names = []
     for name, mod in iter_linears(model):

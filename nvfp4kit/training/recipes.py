@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .. import progress
-from ..formats.linear import LinearPrecision
-from ..model.linear import check_precision_fits, iter_linears, set_precision
+from .precision import LinearPrecision
+from .linear import check_precision_fits, iter_linears, set_precision
 
 _LAYER_RE = re.compile(r"^backbone\.layers\.(\d+)(\.|$)")
 

@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from ..formats.linear import LinearPrecision
+from .precision import LinearPrecision
 
 
 def te_status() -> tuple[bool, str]:
@@ -83,7 +83,7 @@ def use_te_backend(model: torch.nn.Module) -> list[str]:
     ok, why = te_status()
     if not ok:
         raise RuntimeError(f"--backend te: {why}; use the emulated backend")
-    from ..model.linear import iter_linears
+    from .linear import iter_linears
 
     names = []
     for name, mod in iter_linears(model):

@@ -11,10 +11,11 @@ and W ``[N, K]``:
   along the token dim on both operands, so it cancels in the product; tokens are zero-padded to a
   multiple of the block size, which adds nothing to the sum)
 
-Every element is a switch of :class:`~nvfp4kit.formats.linear.LinearPrecision`. The global amax of
+Every element is a switch of :class:`~nvfp4kit.training.precision.LinearPrecision`. The global amax of
 every operand is recomputed on every call (current scaling), after the RHT for the wgrad operands;
 :func:`set_amax_reduction` makes activation/gradient amaxes global across a process group.
 
+Per-tensor FP8 uses :mod:`nvfp4kit.formats.fp8` (decode scale ``amax / 448``, current scaling).
 GEMMs multiply exact float32 operand values (E2M1 value times E4M3 block scale; E4M3 times an
 E8M0/fp32 scale for the FP8 formats) and accumulate in float32, as a tensor core does; autocast is
 switched off inside, so the result is the same under ``torch.autocast``. Stochastic rounding draws
@@ -30,14 +31,15 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..formats.e2m1 import e2m1_value_table
+from ..formats.fp8 import fp8_dequantize, fp8_quantize, fp8_scale
+from ..formats.hadamard import DEFAULT_RHT_SIGN, RHT_SIZE, rht_matrix
+from ..formats.mx import MX_BLOCK_SIZE, mx_dequantize, mx_quantize
+from ..formats.nvfp4 import BLOCK_1D, BLOCK_2D, BLOCK_SIZE, NVFP4Parts
+from ..formats.scales import tensor_amax
 from ..kernels.dispatch import backend_available
 from ..kernels.dispatch import quantize_parts as dispatch_quantize_parts
-from .e2m1 import e2m1_value_table
-from .hadamard import DEFAULT_RHT_SIGN, RHT_SIZE, rht_matrix
-from .linear import LinearPrecision
-from .mx import MX_BLOCK_SIZE, mx_dequantize, mx_quantize
-from .nvfp4 import BLOCK_1D, BLOCK_2D, BLOCK_SIZE, NVFP4Parts
-from .scales import E4M3_MAX, e4m3_rtne
+from .precision import LinearPrecision, as_precision
 
 _AMAX_GROUP = None
 _AMAX_REDUCE = False
@@ -53,7 +55,7 @@ def set_amax_reduction(group=None, enabled: bool = True) -> None:
 
 
 def _global_amax(t: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-    amax = t.abs().amax().float() if t.numel() else torch.zeros((), dtype=torch.float32, device=t.device)
+    amax = tensor_amax(t)
     if _AMAX_REDUCE and reduce:
         import torch.distributed as dist
 
@@ -278,13 +280,13 @@ class MXFP8Linear(torch.autograd.Function):
         return dx, dw, db, None
 
 
-def fp8_tensor(t: torch.Tensor, amax: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
-    """Per-tensor E4M3 with current scaling (``scale = 448 / amax``), as float32 values."""
-    tf = t.float()
+def fp8_tensor(t: torch.Tensor, amax: torch.Tensor | None = None, reduce: bool = True,
+               name: str = "input") -> torch.Tensor:
+    """Per-tensor E4M3 with current scaling (the :mod:`nvfp4kit.formats.fp8` formula), as float32 values."""
     if amax is None:
-        amax = _global_amax(tf, reduce)
-    scale = torch.where(amax > 0, E4M3_MAX / amax, torch.ones_like(amax))
-    return e4m3_rtne(tf * scale).float() / scale
+        amax = _global_amax(t, reduce)
+    q, s = fp8_quantize(t, scale=fp8_scale(amax), name=name)
+    return fp8_dequantize(q, s)
 
 
 class FP8Linear(torch.autograd.Function):
@@ -293,7 +295,7 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, out_dtype, reduce):
         with _no_autocast(x.device.type):
-            w8 = fp8_tensor(weight, weight.detach().abs().amax().float())
+            w8 = fp8_tensor(weight, tensor_amax(weight), name="weight")
             y = fp8_tensor(x, reduce=reduce) @ w8.t()
             if bias is not None:
                 y = y + bias.float()
@@ -309,11 +311,11 @@ class FP8Linear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with _no_autocast(dy.device.type):
-            dy8 = fp8_tensor(dy, reduce=ctx.reduce)
+            dy8 = fp8_tensor(dy, reduce=ctx.reduce, name="grad_output")
             if need_x:
                 dx = (dy8 @ w8).to(x.dtype)
             if need_w:
-                dw = (dy8.t() @ fp8_tensor(x, reduce=ctx.reduce)).to(ctx.w_dtype)
+                dw = (dy8.t() @ fp8_tensor(x, reduce=ctx.reduce, name="input")).to(ctx.w_dtype)
             if need_b and ctx.has_bias:
                 db = dy.float().sum(0)
         return dx, dw, db, None, None
@@ -355,3 +357,11 @@ def emulated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     else:
         raise ValueError(f"emulated_linear: unknown format {fmt!r}")
     return y.reshape(*lead, N)
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision) -> torch.Tensor:
+    """``x @ weight.T + bias`` in ``precision`` (a LinearPrecision or a format name; None is bf16)."""
+    precision = as_precision(precision)
+    if precision.format == "bf16":
+        return F.linear(x, weight, bias)
+    return emulated_linear(x, weight, bias, precision)

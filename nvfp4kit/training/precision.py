@@ -1,16 +1,12 @@
-"""Per-module precision of a Linear, and the quantized linear it selects.
+"""Per-module precision of a Linear in training: which format it computes in, with which switches.
 
-``LinearPrecision`` is data: the model's Linear factory stores one per module, recipes and PTQ
-change it by module name. ``quantized_linear(x, weight, bias, precision)`` computes the layer in that
-precision (emulated numerics, exact on any device).
+``LinearPrecision`` is data: every :class:`~nvfp4kit.training.linear.Linear` stores one, recipes set it
+by module name, and :func:`~nvfp4kit.training.qlinear.quantized_linear` computes the layer in it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-import torch
-import torch.nn.functional as F
 
 FORMATS = ("bf16", "nvfp4", "mxfp8", "fp8")
 
@@ -59,13 +55,3 @@ def as_precision(p: "LinearPrecision | str | None") -> LinearPrecision:
     if isinstance(p, LinearPrecision):
         return p
     return LinearPrecision(str(p))
-
-
-def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision) -> torch.Tensor:
-    """``x @ weight.T + bias`` in the given precision."""
-    precision = as_precision(precision)
-    if precision.format == "bf16":
-        return F.linear(x, weight, bias)
-    from .qlinear import emulated_linear
-
-    return emulated_linear(x, weight, bias, precision)
