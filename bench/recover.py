@@ -31,7 +31,9 @@ import torch
 from nvfp4kit.calibrate.data import builtin_text, tokenize
 from nvfp4kit.calibrate.mixed import search_mixed_precision, estimate_sensitivity
 from nvfp4kit.calibrate.qat import calibrate_input_amax, frozen_teacher, prepare_qat, set_formats
-from nvfp4kit.pipelines.qat import QATJob, load_model_and_tokenizer, mean_loss, train_qat
+from nvfp4kit.evaluate.perplexity import perplexity
+from nvfp4kit.pipelines.models import load_causal_lm
+from nvfp4kit.pipelines.qat import QATJob, train_qat, training_windows
 from results import write_results_section  # noqa: E402
 
 SECTION = "recover"
@@ -58,7 +60,7 @@ def main() -> None:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, tok = load_model_and_tokenizer(None)
+    model, tok = load_causal_lm(None)
     train_ids = tokenize(tok, builtin_text("calib"))
     eval_ids = tokenize(tok, builtin_text("eval"))
     timings["load+tokenize"] = time.perf_counter() - t0
@@ -66,13 +68,13 @@ def main() -> None:
     n_eval = min(args.eval_windows, eval_ids.numel() // L)
     eval_w = eval_ids[: n_eval * L].reshape(n_eval, L)
     calib = [train_ids[i * L:(i + 1) * L].unsqueeze(0) for i in range(args.calib_windows)]
-    # training windows are drawn from the part of the training split after the calibration windows
-    train_tokens = train_ids[args.calib_windows * L:]
+    # training windows: the part of the training split after the calibration windows
+    train_windows = training_windows(train_ids[args.calib_windows * L:], L)
     rows: list[tuple[str, float, str]] = []
 
     def evaluate(label: str, m, note: str = "") -> float:
         t0 = time.perf_counter()
-        loss = mean_loss(m, eval_w)
+        loss = perplexity(m, eval_w.reshape(-1), L, desc=f"eval {label}").nll
         timings[f"eval {label}"] = time.perf_counter() - t0
         rows.append((label, loss, note))
         print(f"{label:<28} loss {loss:.4f}  ppl {math.exp(loss):8.3f}  ({time.perf_counter() - t_all:.0f}s)",
@@ -162,7 +164,7 @@ def main() -> None:
         job = QATJob(steps=args.steps, distill=distill, lr=lr, warmup=max(2, args.steps // 8),
                      batch_size=args.batch_size, seq_len=L, seed=0)
         t0 = time.perf_counter()
-        res = train_qat(model, train_tokens, job, teacher if distill else None)
+        res = train_qat(model, train_windows, job, teacher if distill else None)
         timings[f"train {label}"] = time.perf_counter() - t0
         print(f"{label}: {args.steps} steps in {timings[f'train {label}']:.0f}s", flush=True)
         evaluate(f"{label} W4A4", model, f"{tokens} tokens, lr {lr:g}, train loss {res.loss_first:.4f} -> "

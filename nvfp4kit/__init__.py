@@ -21,8 +21,7 @@ from .formats import (
     nvfp4_gemm,
     rht,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "BLOCK_1D",

@@ -36,3 +36,20 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """Builder of tiny random Llama causal LMs (hidden 64, MLP 128, 4 query / 2 KV heads), in eval mode;
+    a test passes the knobs it varies: ``tiny_llama(vocab=128, layers=3, tie=True, init=0.1, seed=1)``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build(vocab: int = 96, layers: int = 2, tie: bool = False, init: float = 0.02, seed: int = 0,
+              max_positions: int = 64):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                          tie_word_embeddings=tie, initializer_range=init, architectures=["LlamaForCausalLM"])
+        return LlamaForCausalLM(cfg).eval()
+
+    return build

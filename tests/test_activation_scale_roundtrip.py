@@ -10,9 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from nvfp4kit.checkpoint import load_quantized, save_quantized
 from nvfp4kit.checkpoint.layout import exact_input_amax
 from nvfp4kit.checkpoint.types import QuantizedLinearWeight, QuantizedModel
-from nvfp4kit.evaluate.emulation import apply_quantized
+from nvfp4kit.calibrate.emulation import apply_quantized
 from nvfp4kit.formats.nvfp4 import quantize_parts
-from nvfp4kit.pipelines.quantize import quantize_model
+from nvfp4kit.calibrate.ptq import quantize_model
 
 
 def encode_scale_np(amax: float, range_max: float) -> np.float32:

@@ -11,13 +11,6 @@ from nvfp4kit.calibrate.moe import UnfusedExperts, unfuse_experts
 from nvfp4kit.calibrate.observers import calibrate
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def tiny_mixtral(seed=0, experts=16, top_k=2):
     torch.manual_seed(seed)
     cfg = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
@@ -40,7 +33,7 @@ def _capture_inputs(model, names):
     return got, hs
 
 
-def test_amax_and_hessians_match_captured_inputs():
+def test_amax_and_hessians_match_captured_inputs(tiny_llama):
     m = tiny_llama()
     names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
     samples = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(1))
@@ -122,7 +115,7 @@ def test_every_expert_is_calibrated_on_all_tokens_of_its_layer():
         torch.testing.assert_close(a, b)
 
 
-def test_calibrate_rejects_non_linear_names():
+def test_calibrate_rejects_non_linear_names(tiny_llama):
     m = tiny_llama()
     with pytest.raises(ValueError, match="not Linear modules"):
         calibrate(m, ["model.layers.0.input_layernorm"], torch.zeros(1, 4, dtype=torch.long))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nvfp4kit.calibrate.data import builtin_text, load_text, token_samples
-from nvfp4kit.calibrate.precision import fused_groups, plan_precision
+from nvfp4kit.policy import fused_groups, plan_precision
 
 
 def _hybrid_names():

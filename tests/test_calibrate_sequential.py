@@ -9,15 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from nvfp4kit.calibrate.sequential import block_members, repeated_blocks, sequential_quantize
 from nvfp4kit.checkpoint.types import QuantizedModel
-from nvfp4kit.evaluate.emulation import EmulatedLinear, apply_quantized
-from nvfp4kit.pipelines.quantize import quantize_model
-
-
-def tiny_llama(layers=3, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+from nvfp4kit.calibrate.emulation import EmulatedLinear, apply_quantized
+from nvfp4kit.calibrate.ptq import quantize_model
 
 
 def samples(n=4, length=24, seed=1):
@@ -32,8 +25,8 @@ def same_record(a, b):
             and torch.equal(a.nvfp4.global_decode_scale, b.nvfp4.global_decode_scale))
 
 
-def test_repeated_blocks_and_members():
-    m = tiny_llama()
+def test_repeated_blocks_and_members(tiny_llama):
+    m = tiny_llama(layers=3)
     name, blocks = repeated_blocks(m)
     assert name == "model.layers" and blocks is m.model.layers
     assert repeated_blocks(nn.Sequential(nn.Linear(4, 4))) is None
@@ -46,10 +39,10 @@ def test_repeated_blocks_and_members():
 
 
 @pytest.mark.parametrize("scheme,method", [("w4a4", "gptq"), ("w4a4", "max"), ("w4a16", "gptq")])
-def test_sequential_equals_one_shot_on_the_partially_quantized_model(scheme, method):
+def test_sequential_equals_one_shot_on_the_partially_quantized_model(tiny_llama, scheme, method):
     """Block i's records equal a one-shot quantization of the model whose blocks < i already compute
     with the records of the sequential run (built here by hand with apply_quantized)."""
-    m = tiny_llama()
+    m = tiny_llama(layers=3)
     x = samples()
     seq = quantize_model(m, x, scheme, method, sequential=True).qmodel
     oneshot = quantize_model(m, x, scheme, method).qmodel
@@ -68,8 +61,8 @@ def test_sequential_equals_one_shot_on_the_partially_quantized_model(scheme, met
     assert any(not same_record(seq.linears[n], oneshot.linears[n]) for n in seq.linears if layer(n) == 2)
 
 
-def test_model_is_left_unchanged_even_when_a_step_fails():
-    m = tiny_llama()
+def test_model_is_left_unchanged_even_when_a_step_fails(tiny_llama):
+    m = tiny_llama(layers=3)
     ref = copy.deepcopy(m)
     x = samples()
     quantize_model(m, x, "w4a4", "gptq", sequential=True)
@@ -104,8 +97,8 @@ def test_model_is_left_unchanged_even_when_a_step_fails():
     assert isinstance(m.model.layers[0].self_attn.q_proj, nn.Linear)
 
 
-def test_each_pass_stops_after_its_block():
-    m = tiny_llama()
+def test_each_pass_stops_after_its_block(tiny_llama):
+    m = tiny_llama(layers=3)
     x = samples()
     names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
     reached = []
@@ -125,8 +118,8 @@ def test_each_pass_stops_after_its_block():
     assert seen == [[0], [0, 1], [0, 1, 2]]
 
 
-def test_sequential_errors():
-    m = tiny_llama()
+def test_sequential_errors(tiny_llama):
+    m = tiny_llama(layers=3)
     with pytest.raises(ValueError, match="needs samples"):
         quantize_model(m, None, "w4a4", "gptq", sequential=True)
     flat = nn.Sequential(nn.Linear(16, 16))
@@ -134,8 +127,8 @@ def test_sequential_errors():
         sequential_quantize(flat, ["0"], lambda *a: {}, lambda *a: {}, lambda r: {})
 
 
-def test_sequential_with_kv_cache_scales_every_attention():
-    m = tiny_llama()
+def test_sequential_with_kv_cache_scales_every_attention(tiny_llama):
+    m = tiny_llama(layers=3)
     x = samples()
     seq = quantize_model(m, x, "w4a4", "max", sequential=True, kv_cache="fp8").qmodel
     one = quantize_model(m, x, "w4a4", "max", kv_cache="fp8").qmodel
@@ -146,7 +139,7 @@ def test_sequential_with_kv_cache_scales_every_attention():
     assert all(k > 0 and v > 0 for k, v in seq.kv_cache_amax.values())
 
 
-def test_cli_sequential_writes_the_sequential_records(tmp_path):
+def test_cli_sequential_writes_the_sequential_records(tiny_llama, tmp_path):
     from safetensors.torch import load_file
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -159,7 +152,7 @@ def test_cli_sequential_writes_the_sequential_records(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(
         vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>")), unk_token="<unk>")
     src = tmp_path / "src"
-    tiny_llama().save_pretrained(src)
+    tiny_llama(layers=3).save_pretrained(src)
     tok.save_pretrained(src)
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. " * 30)

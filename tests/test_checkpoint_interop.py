@@ -20,25 +20,14 @@ from nvfp4kit.checkpoint import (
     detect_format,
     load_quantized,
     save_quantized,
-    shared_global_amax_groups,
 )
 from nvfp4kit.formats.nvfp4 import quantize_parts
+from nvfp4kit.policy import fused_groups
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("compressed_tensors")
+import compressed_tensors  # noqa: F401  (a test dependency: an independent reader)
+import transformers
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def quantize_tiny(model, input_amax=2.0) -> QuantizedModel:
@@ -47,7 +36,7 @@ def quantize_tiny(model, input_amax=2.0) -> QuantizedModel:
     qm = QuantizedModel(config=model.config.to_dict(), exclude_modules=["lm_head"])
     linears = [n[: -len(".weight")] for n, p in sd.items()
                if n.endswith(".weight") and p.ndim == 2 and "embed" not in n and not n.startswith("lm_head")]
-    groups = {m: g for g in shared_global_amax_groups(linears) for m in g}
+    groups = {m: g for g in fused_groups(linears) for m in g}
     for m in linears:
         amax = max(float(sd[f"{x}.weight"].abs().max()) for x in groups.get(m, [m]))
         w = sd[f"{m}.weight"]
@@ -77,7 +66,7 @@ def reference_ct_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, glo
 # ============================================================================= compressed-tensors
 
 
-def test_compressed_tensors_decompresses_our_checkpoint(tmp_path):
+def test_compressed_tensors_decompresses_our_checkpoint(tiny_llama, tmp_path):
     """transformers + compressed-tensors load our nvfp4-pack-quantized folder and decompress it to
     exactly e2m1 * (fp32(s_b) / weight_global_scale) of the bytes we wrote (compressed-tensors' order),
     which is within one bf16 rounding of our dequantization e2m1 * (fp32(s_b) * global_decode_scale):
@@ -89,7 +78,7 @@ def test_compressed_tensors_decompresses_our_checkpoint(tmp_path):
     from nvfp4kit.formats.e2m1 import e2m1_decode, unpack_nibbles
     from nvfp4kit.formats.scales import encode_from_decode
 
-    model = tiny_llama()
+    model = tiny_llama(vocab=128)
     qm = quantize_tiny(model)
     out = save_quantized(qm, tmp_path / "ct", "compressed-tensors")
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -174,14 +163,14 @@ def test_modelopt_qtensor_dequantize_matches(rows, cols, mag, seed):
 
 
 @pytest.fixture(scope="module")
-def modelopt_export(tmp_path_factory):
+def modelopt_export(tiny_llama, tmp_path_factory):
     """A tiny random Llama quantized by modelopt (mtq.quantize, NVFP4_DEFAULT_CFG, CPU calibration)
     and written by modelopt's export_hf_checkpoint."""
-    mtq = pytest.importorskip("modelopt.torch.quantization")
+    import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
-    model = tiny_llama(seed=3)
-    original = tiny_llama(seed=3)  # the same weights, never quantized (export rewrites the module weights)
+    model = tiny_llama(vocab=128, seed=3)
+    original = tiny_llama(vocab=128, seed=3)  # the same weights, never quantized (export rewrites the module weights)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
     mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, lambda m: m(ids))
     input_amax = {n: float(mod.input_quantizer.amax) for n, mod in model.named_modules()
@@ -200,10 +189,10 @@ def test_modelopt_export_loads(modelopt_export):
     assert set(qm.linears) == expected
     assert "lm_head" in qm.exclude_modules
     # modelopt's export shares the weight global scale across q/k/v and gate/up
-    for group in shared_global_amax_groups(qm.linears):
+    for group in fused_groups(qm.linears):
         scales = {float(qm.linears[m].nvfp4.global_decode_scale) for m in group}
         assert len(scales) == 1, group
-    groups = {m: g for g in shared_global_amax_groups(qm.linears) for m in g}
+    groups = {m: g for g in fused_groups(qm.linears) for m in g}
     for m, lw in qm.linears.items():
         mod = model.get_submodule(m)
         # input_scale is the input amax / (6 * 448): the calibrated amax of modelopt's input quantizer
@@ -221,13 +210,13 @@ def test_modelopt_export_loads(modelopt_export):
         assert bool((err <= block_amax / 3 + 1e-12).all()), m
 
 
-def test_modelopt_export_evaluates(modelopt_export):
+def test_modelopt_export_evaluates(tiny_llama, modelopt_export):
     """The export, loaded into nvfp4kit and dequantized into a plain Llama, evaluates close to the
     unquantized model (modelopt's own fake-quant forward needs CUDA, so the reference is the
     original weights)."""
     model, _, out, ids = modelopt_export
     qm = load_quantized(out)
-    plain = tiny_llama(seed=99)
+    plain = tiny_llama(vocab=128, seed=99)
     missing, unexpected = plain.load_state_dict(dequantized_state_dict(qm, torch.float32), strict=False)
     assert not unexpected and all("rotary" in k for k in missing)
     with torch.no_grad():
@@ -272,7 +261,7 @@ def test_modelopt_export_converts_exactly(modelopt_export, tmp_path):
 # ============================================================================= llm-compressor
 
 
-def test_llmcompressor_model_free_output_loads(tmp_path):
+def test_llmcompressor_model_free_output_loads(tiny_llama, tmp_path):
     """A compressed-tensors checkpoint written by llm-compressor's model_free_ptq (NVFP4A16) loads
     into nvfp4kit; our dequantization agrees with compressed-tensors' own decompression to within
     one bf16 rounding, and the folder converts to modelopt."""
@@ -282,7 +271,7 @@ def test_llmcompressor_model_free_output_loads(tmp_path):
     from compressed_tensors.quantization.quant_scheme import NVFP4A16
     from llmcompressor import model_free_ptq
 
-    model = tiny_llama(seed=5)
+    model = tiny_llama(vocab=128, seed=5)
     src = tmp_path / "src"
     model.save_pretrained(str(src))
     out = tmp_path / "lc"
@@ -308,7 +297,7 @@ def test_llmcompressor_model_free_output_loads(tmp_path):
         w = model.get_submodule(m).weight.detach().float()
         block_amax = w.abs().reshape(w.shape[0], -1, 16).amax(-1, keepdim=True)
         assert bool(((ours.float() - w).abs().reshape(w.shape[0], -1, 16) <= block_amax / 3 + 1e-12).all()), m
-    for group in shared_global_amax_groups(qm.linears):
+    for group in fused_groups(qm.linears):
         assert len({float(qm.linears[g].nvfp4.global_decode_scale) for g in group}) == 1, group
     mo = convert_checkpoint(out, tmp_path / "mo", to="modelopt")
     assert json.loads((mo / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"

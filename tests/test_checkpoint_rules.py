@@ -21,11 +21,11 @@ from nvfp4kit.checkpoint import (
     is_excluded,
     load_quantized,
     save_quantized,
-    shared_global_amax_groups,
 )
 from nvfp4kit.checkpoint.compressed_tensors import exclude_pattern, ignore_entry
 from nvfp4kit.checkpoint.rules import expand_regex_patterns
 from nvfp4kit.formats.nvfp4 import quantize_parts
+from nvfp4kit.policy import fused_groups
 
 
 def test_groups_llama_and_nemotron_names():
@@ -44,7 +44,7 @@ def test_groups_llama_and_nemotron_names():
         # a lone q_proj (different parent) is no group
         "model.layers.9.self_attn.q_proj",
     ]
-    assert shared_global_amax_groups(names) == [
+    assert sorted(fused_groups(names), key=lambda g: g[0]) == [
         ["backbone.layers.3.mixer.q_proj.weight", "backbone.layers.3.mixer.k_proj.weight",
          "backbone.layers.3.mixer.v_proj.weight"],
         ["model.layers.0.block_sparse_moe.experts.2.w1", "model.layers.0.block_sparse_moe.experts.2.w3"],

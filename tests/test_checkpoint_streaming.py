@@ -71,7 +71,9 @@ def test_streaming_nvfp4_matches_whole_tensor_reference(tmp_path, monkeypatch):
     qm = load_quantized(out)
     info = detect_format(out)
     assert (info.format, info.scheme) == ("modelopt", "W4A16_NVFP4")
-    assert info.exclude_modules == ["model.layers.0.mlp.*", "lm_head", "*embed*"]
+    # the modules kept in high precision, by name (the same list in-memory PTQ writes)
+    assert info.exclude_modules == ["lm_head", "model.embed_tokens", "model.layers.0.mlp.down_proj",
+                                    "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
     quantized = {f"model.layers.{i}.{n}" for i in range(3) for n in LAYER} - {
         f"model.layers.0.{n}" for n in LAYER if n.startswith("mlp.")
     }
@@ -132,15 +134,18 @@ def test_streaming_output_is_sharded(tmp_path):
 
 def test_streaming_bad_input_writes_nothing(tmp_path):
     src = tmp_path / "src"
-    make_checkpoint(src, layers=1, shards=1, extra={"model.layers.0.odd.weight": torch.randn(16, 24).bfloat16()})
-    with pytest.raises(CheckpointError, match=r"multiple of 16: model\.layers\.0\.odd \[16, 24\]"):
-        quantize_checkpoint(src, tmp_path / "q")
-    with pytest.raises(CheckpointError, match=r"\['nope\*'\] match no module"):
+    odd = torch.randn(16, 24).bfloat16()
+    make_checkpoint(src, layers=1, shards=1, extra={"model.layers.0.odd.weight": odd})
+    with pytest.raises(CheckpointError, match=r"\['nope\*'\] match no Linear"):
         quantize_checkpoint(src, tmp_path / "q", exclude=["model.layers.0.odd", "nope*"])
     with pytest.raises(CheckpointError, match="scheme"):
         quantize_checkpoint(src, tmp_path / "q", "int4", exclude=["model.layers.0.odd"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-    out = quantize_checkpoint(src, tmp_path / "q", exclude=["model.layers.0.odd"])
+    # K not a multiple of 16: kept in high precision (as in-memory PTQ does), copied bit for bit
+    out = quantize_checkpoint(src, tmp_path / "q")
+    qm = load_quantized(out)
+    assert "model.layers.0.odd" not in qm.linears and torch.equal(qm.tensors["model.layers.0.odd.weight"], odd)
+    assert "model.layers.0.odd" in detect_format(out).exclude_modules
     with pytest.raises(CheckpointError, match="already quantized"):
         quantize_checkpoint(out, tmp_path / "q2")
 

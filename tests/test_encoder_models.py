@@ -18,16 +18,18 @@ from nvfp4kit.evaluate.embedding import (
     pooling_mode,
     split_sentences,
 )
-from nvfp4kit.evaluate.emulation import dequantize_weight
-from nvfp4kit.pipelines.eval import load_model, run_eval
-from nvfp4kit.pipelines.hf_models import (
+from nvfp4kit.checkpoint.layout import dequantize_linear
+from nvfp4kit.pipelines.eval import run_eval
+from nvfp4kit.pipelines.models import load_model
+from nvfp4kit.pipelines.models import (
     CAUSAL_LM,
     ENCODER,
     check_sequence_length,
     hf_model_class,
     max_positions,
 )
-from nvfp4kit.pipelines.quantize import QuantizeJob, load_source_model, run_quantize
+from nvfp4kit.pipelines.models import load_source_model
+from nvfp4kit.pipelines.quantize import QuantizeJob, run_quantize
 
 WORDS = ("the quick brown fox jumps over lazy dog pack my box with five dozen liquor jugs how vexingly "
          "daft zebras jump sphinx of black quartz judge vow").split()
@@ -161,7 +163,7 @@ def test_reloaded_encoder_computes_with_the_dequantized_weights(bert_dir, bert_w
     modules = dict(ref.named_modules())
     with torch.no_grad():
         for name, q in result.qmodel.linears.items():
-            modules[name].weight.copy_(dequantize_weight(q))
+            modules[name].weight.copy_(dequantize_linear(q, torch.float32))
     ids = torch.randint(5, 48, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = loaded.model(input_ids=ids).last_hidden_state
@@ -299,16 +301,16 @@ def test_causal_lm_eval_against_a_reference_reports_the_gap(tmp_path):
 
 
 def test_qat_refuses_an_encoder(bert_dir):
-    from nvfp4kit.pipelines.qat import load_model_and_tokenizer
+    from nvfp4kit.pipelines.models import load_causal_lm
 
     with pytest.raises(ValueError, match="causal LM"):
-        load_model_and_tokenizer(bert_dir)
+        load_causal_lm(bert_dir)
 
 
 def test_conv1d_models_get_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from nvfp4kit.pipelines.quantize import quantize_model
+    from nvfp4kit.calibrate.ptq import quantize_model
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)).eval()
@@ -341,7 +343,7 @@ def test_transformers_loads_the_compressed_tensors_encoder_export(bert_dir, tmp_
     assert result.qmodel.linears
     for name, rec in result.qmodel.linears.items():
         w_hf = hf.get_submodule(name).weight
-        assert torch.equal(w_hf.float(), dequantize_weight(rec).to(w_hf.dtype).float()), name
+        assert torch.equal(w_hf.float(), dequantize_linear(rec, torch.float32).to(w_hf.dtype).float()), name
         ours.get_submodule(name).weight.data = w_hf.detach().float()
     hf = hf.float().eval()
     ids = torch.randint(5, 48, (2, 12), generator=torch.Generator().manual_seed(3))

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-triton = pytest.importorskip("triton")
+import triton  # noqa: E402,F401  (after the interpreter switch in conftest)
 
 import triton.language as tl  # noqa: E402
 

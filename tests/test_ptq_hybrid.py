@@ -7,11 +7,12 @@ import math
 
 import torch
 
-from nvfp4kit.evaluate.emulation import apply_quantized
+from nvfp4kit.calibrate.emulation import apply_quantized
 from nvfp4kit.training.linear import iter_linears
 from nvfp4kit.model.lm import build_model
-from nvfp4kit.pipelines.eval import load_quantized_model
-from nvfp4kit.pipelines.quantize import QuantizeJob, quantize_model, run_quantize
+from nvfp4kit.pipelines.models import load_quantized_model
+from nvfp4kit.calibrate.ptq import quantize_model
+from nvfp4kit.pipelines.quantize import QuantizeJob, run_quantize
 
 from test_ptq_pipeline import TEXT, char_tokenizer
 

@@ -11,13 +11,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 import nvfp4kit
 from nvfp4kit.checkpoint.layout import exact_input_amax
 from nvfp4kit.checkpoint.types import QuantizedLinearWeight
-from nvfp4kit.evaluate.emulation import EmulatedLinear, apply_quantized, dequantize_weight
+from nvfp4kit.calibrate.emulation import EmulatedLinear, apply_quantized
+from nvfp4kit.checkpoint.layout import dequantize_linear
 from nvfp4kit.evaluate.perplexity import perplexity
 from nvfp4kit.evaluate.report import layer_rows, plot_layer_errors
 from nvfp4kit.formats.nvfp4 import quantize_parts
 from nvfp4kit.formats.scales import global_encode_scale
-from nvfp4kit.pipelines.eval import load_quantized_model
-from nvfp4kit.pipelines.quantize import QuantizeJob, calibrate_model, quantize_model, run_quantize
+from nvfp4kit.pipelines.models import load_quantized_model
+from nvfp4kit.calibrate.ptq import calibrate_model, quantize_model
+from nvfp4kit.pipelines.quantize import QuantizeJob, run_quantize
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs!\n") * 40
 
@@ -31,14 +33,6 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def tiny_mixtral(seed=0):
     torch.manual_seed(seed)
     cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
@@ -48,9 +42,9 @@ def tiny_mixtral(seed=0):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tiny_llama, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(d)
+    tiny_llama(vocab=128, tie=True, max_positions=128).save_pretrained(d)
     char_tokenizer().save_pretrained(d)
     (d / "calib.txt").write_text(TEXT, encoding="utf-8")
     return d
@@ -93,8 +87,8 @@ def test_emulated_linear_fp8_matches_independent_computation():
 # ----------------------------------------------------------------------------- quantize in memory
 
 
-def test_quantize_model_w4a4_fused_groups_share_scales():
-    m = tiny_llama()
+def test_quantize_model_w4a4_fused_groups_share_scales(tiny_llama):
+    m = tiny_llama(vocab=128, tie=True, max_positions=128)
     ref = copy.deepcopy(m)
     samples = _samples()
     r = quantize_model(m, samples, "w4a4", "max")
@@ -124,29 +118,29 @@ def test_quantize_model_w4a4_fused_groups_share_scales():
         assert qm.linears[down].input_amax == exact_input_amax(r.stats[down].input_amax, 2688.0)
 
 
-def test_w4a16_needs_no_calibration_and_fp8_scheme():
-    m = tiny_llama()
+def test_w4a16_needs_no_calibration_and_fp8_scheme(tiny_llama):
+    m = tiny_llama(vocab=128, tie=True, max_positions=128)
     r = quantize_model(m, None, "w4a16", "mse")
     assert all(q.input_amax is None and q.format == "nvfp4" for q in r.qmodel.linears.values())
     with pytest.raises(ValueError, match="needs calibration samples"):
-        quantize_model(tiny_llama(), None, "w4a4", "max")
-    r8 = quantize_model(tiny_llama(), _samples(), "fp8", "max")
+        quantize_model(tiny_llama(vocab=128, tie=True, max_positions=128), None, "w4a4", "max")
+    r8 = quantize_model(tiny_llama(vocab=128, tie=True, max_positions=128), _samples(), "fp8", "max")
     rec = r8.qmodel.linears["model.layers.0.self_attn.k_proj"]
     assert rec.format == "fp8" and rec.fp8_weight.dtype == torch.float8_e4m3fn and rec.input_amax > 0
 
 
-def test_one_calibration_serves_every_method():
-    m = tiny_llama()
+def test_one_calibration_serves_every_method(tiny_llama):
+    m = tiny_llama(vocab=128, tie=True, max_positions=128)
     stats = calibrate_model(m, _samples(), "w4a4")
-    direct = quantize_model(tiny_llama(), _samples(), "w4a4", "gptq")
+    direct = quantize_model(tiny_llama(vocab=128, tie=True, max_positions=128), _samples(), "w4a4", "gptq")
     reused = quantize_model(m, None, "w4a4", "gptq", stats=stats)
     for n, rec in direct.qmodel.linears.items():
         assert torch.equal(rec.nvfp4.packed, reused.qmodel.linears[n].nvfp4.packed), n
         assert rec.input_amax == reused.qmodel.linears[n].input_amax
 
 
-def test_weight_scale_methods_lower_the_output_error_of_the_model():
-    m = tiny_llama(2)
+def test_weight_scale_methods_lower_the_output_error_of_the_model(tiny_llama):
+    m = tiny_llama(vocab=128, tie=True, max_positions=128, seed=2)
     samples = _samples(6, 48, 3)
     stats = calibrate_model(m, samples, "w4a16")
     ids = _samples(2, 48, 9)
@@ -210,8 +204,8 @@ def test_transformers_loads_compressed_tensors_export_like_weight_only_emulation
     # transformers decompresses to bfloat16 weights: compare with our dequantized weights in bfloat16
     for name, rec in result.qmodel.linears.items():
         w_hf = hf.get_submodule(name).weight
-        assert torch.equal(w_hf.float(), dequantize_weight(rec).to(w_hf.dtype).float()), name
-        ours.get_submodule(name).weight.data = dequantize_weight(rec).to(w_hf.dtype).float()
+        assert torch.equal(w_hf.float(), dequantize_linear(rec, torch.float32).to(w_hf.dtype).float()), name
+        ours.get_submodule(name).weight.data = dequantize_linear(rec, torch.float32).to(w_hf.dtype).float()
     hf = hf.float().eval()
     ids = _samples(1, 40, 6)
     with torch.no_grad():
@@ -240,8 +234,8 @@ def test_moe_checkpoint_roundtrip(tmp_path):
 # ----------------------------------------------------------------------------- evaluation and reports
 
 
-def test_perplexity_matches_a_plain_loop():
-    m = tiny_llama(4)
+def test_perplexity_matches_a_plain_loop(tiny_llama):
+    m = tiny_llama(vocab=128, tie=True, max_positions=128, seed=4)
     ids = torch.randint(0, 128, (45,), generator=torch.Generator().manual_seed(2))
     got = perplexity(m, ids, seq_len=16)
     total, count = 0.0, 0
@@ -260,8 +254,8 @@ def test_perplexity_matches_a_plain_loop():
         perplexity(m, ids[:1], 16)
 
 
-def test_layer_report_and_plot(tmp_path):
-    m = tiny_llama()
+def test_layer_report_and_plot(tiny_llama, tmp_path):
+    m = tiny_llama(vocab=128, tie=True, max_positions=128)
     r = quantize_model(m, None, "w4a16", "max")
     ref = {n: mod.weight for n, mod in m.named_modules() if isinstance(mod, nn.Linear)}
     rows = layer_rows(r.qmodel, ref)
@@ -312,10 +306,10 @@ def test_cli_quantize_eval_inspect(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_demo_on_the_embedded_smollm2(tmp_path):
-    from nvfp4kit.pipelines.demo import run_demo
+    from nvfp4kit.pipelines.demo import DemoJob, run_demo
 
-    r = run_demo(str(tmp_path / "demo"), "w4a4", "max", calib_samples=4, seq_len=64, eval_tokens=256,
-                 eval_seq_len=128)
+    r = run_demo(DemoJob(str(tmp_path / "demo"), "w4a4", "max", calib_samples=4, seq_len=64, eval_tokens=256,
+                         eval_seq_len=128))
     assert r.fp32.n_tokens == r.quantized.n_tokens == 254
     assert 1.0 < r.fp32.ppl < 100
     # NVFP4 W4A4 costs a little perplexity, not a collapse
@@ -335,7 +329,7 @@ def test_weights_only_streaming_mode(model_dir, tmp_path):
     for name, rec in loaded.quantized.linears.items():
         assert rec.format == "nvfp4" and rec.input_amax is None
         w = src.get_submodule(name).weight.detach()
-        assert float((dequantize_weight(rec) - w).norm() / w.norm()) < 0.2
+        assert float((dequantize_linear(rec, torch.float32) - w).norm() / w.norm()) < 0.2
     with pytest.raises(ValueError, match="weight-only"):
         run_streaming(QuantizeJob(model=str(model_dir), out=str(tmp_path / "s2"), scheme="w4a4"))
 

@@ -11,26 +11,17 @@ from nvfp4kit.calibrate.qat import (
     FakeQuantLinear,
     QATLoss,
     calibrate_input_amax,
-    distillation_loss,
     export_quantized_model,
     fake_quant_modules,
     frozen_teacher,
-    fused_groups,
-    next_token_loss,
     prepare_qat,
     strip_qat,
 )
+from nvfp4kit.losses import distillation_loss, next_token_loss
+from nvfp4kit.policy import fused_partition
 from nvfp4kit.formats.nvfp4 import dequantize_parts
 
-transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(tie=False, seed=0, init=0.02):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tie, initializer_range=init)
-    return transformers.LlamaForCausalLM(cfg).eval()
+import transformers  # noqa: E402
 
 
 def batches(n=2, seed=1, b=2, t=24, vocab=96):
@@ -92,7 +83,7 @@ def test_qat_loss_modes():
 # ----------------------------------------------------------------------------- model surgery
 
 
-def test_prepare_wraps_linears_and_groups_siblings():
+def test_prepare_wraps_linears_and_groups_siblings(tiny_llama):
     model = tiny_llama()
     mods = prepare_qat(model)
     linears = [n for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear)]
@@ -102,11 +93,11 @@ def test_prepare_wraps_linears_and_groups_siblings():
     assert [m.name for m in q.group] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
     assert [m.name for m in mods["model.layers.1.mlp.up_proj"].group] == [
         "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
-    assert fused_groups(["a.q_proj", "a.o_proj", "a.k_proj", "b.q_proj"]) == [
+    assert fused_partition(["a.q_proj", "a.o_proj", "a.k_proj", "b.q_proj"]) == [
         ("a.q_proj", "a.k_proj"), ("a.o_proj",), ("b.q_proj",)]
 
 
-def test_calibration_records_max_input_and_restores_model():
+def test_calibration_records_max_input_and_restores_model(tiny_llama):
     ref = tiny_llama()
     seen = {}
 
@@ -146,7 +137,7 @@ def test_calibration_records_max_input_and_restores_model():
 
 
 @pytest.mark.parametrize("distill,lr,init", [(False, 3e-3, 0.02), (True, 3e-4, 0.1)])
-def test_training_reduces_loss(distill, lr, init):
+def test_training_reduces_loss(tiny_llama, distill, lr, init):
     model = tiny_llama(seed=3, init=init)  # larger init for QAD: peaked logits, a visible quantization gap
     teacher = frozen_teacher(model) if distill else None
     prepare_qat(model)
@@ -176,7 +167,7 @@ def test_training_reduces_loss(distill, lr, init):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_export_records_are_bit_identical_to_forward(tie):
+def test_export_records_are_bit_identical_to_forward(tiny_llama, tie):
     model = tiny_llama(tie=tie, seed=4)
     mods = prepare_qat(model)
     data = batches(1)
@@ -199,7 +190,7 @@ def test_export_records_are_bit_identical_to_forward(tie):
     assert qm.config["hidden_size"] == 64
 
 
-def test_init_from_ptq_records():
+def test_init_from_ptq_records(tiny_llama):
     src = tiny_llama(seed=6)
     prepare_qat(src, {"model.layers.0.mlp.down_proj": "fp8", **{
         n: "nvfp4" for n, m in tiny_llama(seed=6).named_modules() if isinstance(m, nn.Linear)
@@ -224,7 +215,7 @@ def test_init_from_ptq_records():
         prepare_qat(bad, ptq=ptq)
 
 
-def test_teacher_must_be_copied_before_prepare():
+def test_teacher_must_be_copied_before_prepare(tiny_llama):
     model = tiny_llama()
     prepare_qat(model)
     with pytest.raises(ValueError, match="before prepare_qat"):

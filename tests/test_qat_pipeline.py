@@ -6,10 +6,12 @@ import shutil
 import pytest
 import torch
 
-from nvfp4kit.pipelines.qat import QATJob, load_model_and_tokenizer, lr_at, run_qat, split_tokens, window
+from nvfp4kit.pipelines.models import load_causal_lm
+from nvfp4kit.pipelines.qat import QATJob, run_qat, split_tokens, train_config, training_windows
+from nvfp4kit.training.loop import lr_at
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+import tokenizers
+import transformers
 
 TEXT = " ".join(
     "the quick brown fox jumps over the lazy dog while a small model learns to count one two three four five "
@@ -42,17 +44,20 @@ def _job(tiny_dir, out, **kw):
     return QATJob(**base)
 
 
-def test_window_and_schedule_are_deterministic():
+def test_windows_and_schedule():
     toks = torch.arange(1000)
-    assert torch.equal(window(toks, 16, 3, 1, 5), window(toks, 16, 3, 1, 5))
-    assert not torch.equal(window(toks, 16, 3, 1, 5), window(toks, 16, 3, 1, 6))
-    w = window(toks, 16, 3, 1, 5)
-    assert bool(((w[:, 1:] - w[:, :-1]) == 1).all())  # consecutive tokens
+    w = training_windows(toks, 16)
+    assert w.shape == (62, 16) and torch.equal(w.reshape(-1), toks[:992])  # non-overlapping, in order
+    with pytest.raises(ValueError, match="fewer than one window"):
+        training_windows(toks[:10], 16)
     train, ev = split_tokens(toks, 100, 16)
     assert ev.shape == (6, 16) and train.numel() == 1000 - 96 and int(ev[0, 0]) == 904
-    job = QATJob(steps=10, warmup=2, lr=1.0)
-    assert [round(lr_at(s, job), 6) for s in (0, 1)] == [0.5, 1.0]
-    assert lr_at(2, job) == pytest.approx(1.0) and lr_at(10, job) == pytest.approx(0.1)
+    # the training loop's schedule: linear warm-up, then cosine to 10% of the peak exactly at the last step
+    cfg = train_config(QATJob(steps=10, warmup=2, lr=1.0), n_eval=1)
+    assert [lr_at(s, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_at(9, cfg) == pytest.approx(0.1, abs=1e-12)
+    assert lr_at(2, cfg) == 1.0 and all(lr_at(s, cfg) > lr_at(s + 1, cfg) for s in range(2, 9))
+    assert (cfg.autocast, cfg.grad_clip, cfg.beta2) == ("off", 0.0, 0.999)
 
 
 @pytest.mark.parametrize("distill", [False, True])
@@ -66,9 +71,9 @@ def test_run_exports_a_checkpoint_that_reads_back(tiny_dir, tmp_path, distill):
     q = load_quantized(res.out)
     assert len(q.linears) == 14 and all(r.format == "nvfp4" and r.input_amax > 0 for r in q.linears.values())
     state = tmp_path / "out.qat"
-    lines = (state / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
-    assert json.loads((state / "summary.json").read_text())["steps"] == 4
+    rows = json.loads((state / "metrics.json").read_text())["rows"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == res.loss_last
+    assert rows[0]["lr"] == pytest.approx(job.lr) and rows[-1]["lr"] == pytest.approx(0.1 * job.lr)
     assert (state / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     with pytest.raises(FileExistsError, match="already exists"):
         run_qat(job)
@@ -92,25 +97,25 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
     qa, qb = load_quantized(tmp_path / "a"), load_quantized(tmp_path / "b")
     for n in qa.linears:
         assert torch.equal(qa.linears[n].nvfp4.packed, qb.linears[n].nvfp4.packed)
-    with pytest.raises(ValueError, match="different job"):
+    with pytest.raises(ValueError, match="different run configuration"):
         shutil.rmtree(tmp_path / "b")
         run_qat(_job(tiny_dir, tmp_path / "b", resume=True, lr=1e-4))
 
 
 def test_export_evaluates_like_the_trained_model(tiny_dir, tmp_path):
     """The written checkpoint, run through the evaluation emulation, gives the trained model's logits."""
-    emulation = pytest.importorskip("nvfp4kit.evaluate.emulation")
+    from nvfp4kit.calibrate import emulation
     from nvfp4kit.calibrate.qat import prepare_qat, calibrate_input_amax, export_quantized_model
     from nvfp4kit.checkpoint import load_quantized, save_quantized
 
-    model, _ = load_model_and_tokenizer(tiny_dir)
+    model, _ = load_causal_lm(tiny_dir)
     prepare_qat(model)
     ids = torch.randint(0, 32, (1, 32), generator=torch.Generator().manual_seed(0))
     calibrate_input_amax(model, [ids])
     with torch.no_grad():
         expected = model(ids).logits
     save_quantized(export_quantized_model(model), tmp_path / "ck")
-    fresh, _ = load_model_and_tokenizer(tiny_dir)
+    fresh, _ = load_causal_lm(tiny_dir)
     emulation.apply_quantized(fresh, load_quantized(tmp_path / "ck"))
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, expected)
@@ -145,7 +150,7 @@ def test_qat_from_a_ptq_checkpoint_keeps_its_formats_and_input_scales(tiny_dir, 
     from nvfp4kit.calibrate.qat import calibrate_input_amax, export_quantized_model, prepare_qat
     from nvfp4kit.checkpoint import load_quantized, save_quantized
 
-    model, _ = load_model_and_tokenizer(tiny_dir)
+    model, _ = load_causal_lm(tiny_dir)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     formats = {n: ("fp8" if n.endswith("o_proj") else "nvfp4") for n in names}
     prepare_qat(model, formats)
@@ -175,7 +180,7 @@ def test_qat_job_on_a_nemotron_hybrid_checkpoint(tmp_path):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(src))
     (tmp_path / "train.txt").write_text(TEXT)
-    model, _ = load_model_and_tokenizer(str(src))
+    model, _ = load_causal_lm(str(src))
     assert type(model).__name__ == "NemotronForCausalLM"
     res = run_qat(QATJob(model=str(src), data=str(tmp_path / "train.txt"), out=str(tmp_path / "out"), steps=2,
                          lr=1e-3, warmup=1, seq_len=32, batch_size=1, calib_samples=2, eval_tokens=64,

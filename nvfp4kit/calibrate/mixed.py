@@ -46,18 +46,10 @@ import torch.nn.functional as F
 
 from .. import progress
 from ..formats.nvfp4 import BLOCK_SIZE
-from .qat import (
-    DEFAULT_EXCLUDE,
-    FakeQuantLinear,
-    QAT_FORMATS,
-    _set_submodule,
-    calibrate_input_amax,
-    distillation_loss,
-    fused_groups,
-    linear_names,
-    model_logits,
-    prepare_qat,
-)
+from ..losses import causal_lm_logits, distillation_loss, next_token_loss
+from ..policy import DEFAULT_EXCLUDE, fused_partition
+from .qat import QAT_FORMATS, FakeQuantLinear, calibrate_input_amax, linear_names, prepare_qat
+from .surgery import linear_shapes, restore_modules
 
 DEFAULT_CANDIDATES = ("nvfp4", "fp8", "bf16")
 # element bits and (per-block scale bits, block size) of each format
@@ -258,11 +250,9 @@ def _fisher_sensitivity(model, mods: dict[str, FakeQuantLinear], batches, candid
             m.weight.requires_grad_(True)  # so every hooked output carries a gradient
         with progress.task("sensitivity (fisher)", total=len(batches)) as t:
             for ids in batches:
-                logits = model_logits(model, ids)
-                pred = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-                loss = F.cross_entropy(pred, ids[:, 1:].reshape(-1), reduction="sum")
+                loss = next_token_loss(causal_lm_logits(model, ids), ids, reduction="sum")
                 loss.backward()
-                tokens += pred.shape[0]
+                tokens += ids.shape[0] * (ids.shape[1] - 1)
                 inputs.clear()
                 t.advance(1)
     finally:
@@ -285,7 +275,7 @@ def _kl_sensitivity(model, mods: dict[str, FakeQuantLinear], groups, batches, ca
     quantized = [f for f in candidates if f != "bf16"]
     was_training = model.training
     model.eval()
-    ref = [model_logits(model, ids).float() for ids in batches]
+    ref = [causal_lm_logits(model, ids).float() for ids in batches]
     out: dict[str, dict[str, float]] = {}
     try:
         with progress.task("sensitivity (kl)", total=len(groups) * len(quantized)) as t:
@@ -296,7 +286,7 @@ def _kl_sensitivity(model, mods: dict[str, FakeQuantLinear], groups, batches, ca
                         mods[n].format = f
                     kl = 0.0
                     for ids, r in zip(batches, ref):
-                        kl += float(distillation_loss(model_logits(model, ids), r)) * ids.numel()
+                        kl += float(distillation_loss(causal_lm_logits(model, ids), r)) * ids.numel()
                     vals[f] = kl / sum(ids.numel() for ids in batches)
                     for n in group:
                         mods[n].format = "bf16"
@@ -334,7 +324,7 @@ def estimate_sensitivity(
             calibrate_input_amax(model, batches)
         if method == "fisher":
             return _fisher_sensitivity(model, mods, batches, candidates)
-        return _kl_sensitivity(model, mods, fused_groups(mods), batches, candidates)
+        return _kl_sensitivity(model, mods, fused_partition(mods), batches, candidates)
 
 
 class _wrapped:
@@ -352,9 +342,7 @@ class _wrapped:
         return self.mods
 
     def __exit__(self, *exc):
-        for n, orig in self.originals.items():
-            if n in self.mods:
-                _set_submodule(self.model, n, orig)
+        restore_modules(self.model, {n: orig for n, orig in self.originals.items() if n in self.mods})
         return False
 
 
@@ -453,7 +441,7 @@ def plan_from_sensitivity(
 ) -> MixedPrecisionPlan:
     """Choose formats for modules with known sensitivities (fused ``groups`` take one format)."""
     names = list(sensitivity)
-    groups = [tuple(g) for g in (groups if groups is not None else fused_groups(names))]
+    groups = [tuple(g) for g in (groups if groups is not None else fused_partition(names))]
     covered = [n for g in groups for n in g]
     if sorted(covered) != sorted(names):
         raise ValueError("plan_from_sensitivity: groups must partition the modules exactly once")
@@ -519,7 +507,7 @@ def search_mixed_precision(
         raise ValueError(f"search_mixed_precision: no sensitivity for {missing[:5]}")
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     sens = {n: {f: float(v) for f, v in sensitivity[n].items() if f in candidates} for n in names}
-    return plan_from_sensitivity(sens, shapes, bits_budget, fused_groups(names), tensor_scale_bits, method)
+    return plan_from_sensitivity(sens, shapes, bits_budget, fused_partition(names), tensor_scale_bits, method)
 
 
 def ptq_precision_plan(
@@ -531,17 +519,16 @@ def ptq_precision_plan(
     max_samples: int = 8,
 ):
     """The ``quantize --scheme mixed --bits-budget B`` plan: the PTQ path's
-    :class:`~nvfp4kit.calibrate.precision.PrecisionPlan` with each searchable Linear's format
+    :class:`~nvfp4kit.policy.PrecisionPlan` with each searchable Linear's format
     chosen under the budget (W4A4 NVFP4, W8A8 FP8 or BF16), and the search record.
 
     ``calib_samples``: ``[n, L]`` token ids (the first ``max_samples`` rows are used). Modules the
     PTQ rules keep in high precision (``exclude``, default exclusions, K not a multiple of 16)
     stay out of the search and out of the bits count. Returns ``(PrecisionPlan, MixedPrecisionPlan)``.
     """
-    from .precision import LayerPlan, PrecisionPlan, plan_precision
+    from ..policy import LayerPlan, PrecisionPlan, plan_precision
 
-    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    base = plan_precision(shapes, "w4a4", tuple(exclude))
+    base = plan_precision(linear_shapes(model), "w4a4", tuple(exclude))
     fixed = [n for n, lp in base.layers.items() if lp.format == "bf16"]
     samples = calib_samples[:max_samples] if max_samples else calib_samples
     found = search_mixed_precision(model, samples, bits_budget, exclude=tuple(DEFAULT_EXCLUDE) + tuple(fixed),

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..policy import EXPERTS_LIST
+from .surgery import replace_module
+
 
 class ExpertMLP(nn.Module):
     """One expert: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
@@ -82,17 +85,16 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     """Replace every fused-experts module by :class:`UnfusedExperts` in place; returns their names."""
     targets = [(n, m) for n, m in model.named_modules() if n and is_fused_experts(m)]
     for name, module in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, _unfused_from(module, name))
+        replace_module(model, name, _unfused_from(module, name))
     return [n for n, _ in targets]
 
 
 def expert_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """``(name, list)`` of every ModuleList called ``experts`` whose members hold Linears."""
+    """``(name, list)`` of every ModuleList called ``experts`` (:data:`nvfp4kit.policy.EXPERTS_LIST`)
+    whose members hold Linears."""
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] == "experts" and len(m) > 0:
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] == EXPERTS_LIST and len(m) > 0:
             if all(any(isinstance(c, nn.Linear) for c in e.modules()) for e in m):
                 out.append((name, m))
     return out

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from .. import progress
+from ..formats.scales import tensor_amax
+from ..losses import run_causal_lm
 from .moe import expert_lists
 
 
@@ -85,7 +87,7 @@ class Calibrator:
     def _observe(self, name: str, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1])
         if x2.numel():
-            a = x2.abs().amax().float()
+            a = tensor_amax(x2)
             if not bool(torch.isfinite(a)):
                 raise ValueError(f"calibration: the input of {name} has NaN/inf values")
             prev = self._amax.get(name)
@@ -154,7 +156,7 @@ class Calibrator:
     @torch.no_grad()
     def run(self, samples: torch.Tensor, batch_size: int = 1, forward=None) -> None:
         """Run ``samples`` ``[n, L]`` token ids through the model in batches (observers record)."""
-        forward = forward or _default_forward
+        forward = forward or run_causal_lm
         self.model.eval()
         n = samples.shape[0]
         with progress.task("calibrating", total=n) as t:
@@ -187,13 +189,6 @@ class Calibrator:
 
     def __exit__(self, *exc):
         self.remove()
-
-
-def _default_forward(model: nn.Module, input_ids: torch.Tensor):
-    try:
-        return model(input_ids=input_ids, use_cache=False)
-    except TypeError:
-        return model(input_ids)
 
 
 def calibrate(model: nn.Module, names, samples: torch.Tensor, hessian_for=None, batch_size: int = 1,

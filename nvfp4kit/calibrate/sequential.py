@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from .. import progress
-from .observers import _default_forward
+from ..losses import run_causal_lm
+from ..policy import EXPERTS_LIST
+from .surgery import restore_modules
 
 
 class _StopForward(Exception):
@@ -40,7 +42,7 @@ def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     ``experts`` list; None when the model has no such list with two or more members."""
     best = None
     for name, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) < 2 or name.rsplit(".", 1)[-1] == "experts":
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or name.rsplit(".", 1)[-1] == EXPERTS_LIST:
             continue
         n_linear = sum(isinstance(c, nn.Linear) for c in m.modules())
         if n_linear and (best is None or n_linear > best[2]):
@@ -83,11 +85,10 @@ def sequential_quantize(
                          f"{type(model).__name__} has none")
     blocks_name, blocks = found
     per_block, rest = block_members(names, blocks_name, len(blocks))
-    forward = forward or _default_forward
+    forward = forward or run_causal_lm
     records: dict = {}
     stats: dict = {}
     originals: dict[str, nn.Module] = {}
-    modules = dict(model.named_modules())
 
     def stopping_after(block: nn.Module):
         def run(m, batch):
@@ -115,7 +116,5 @@ def sequential_quantize(
                 originals.update(emulate(step_records))
                 t.advance(1)
     finally:
-        for name, module in originals.items():
-            parent_name, _, attr = name.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, attr, module)
+        restore_modules(model, originals)
     return records, stats

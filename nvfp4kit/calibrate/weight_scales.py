@@ -24,24 +24,26 @@ import torch
 from ..formats.e2m1 import E2M1_MAX, e2m1_decode, e2m1_round_nearest, pack_nibbles
 from ..formats.nvfp4 import BLOCK_SIZE, NVFP4Parts, check_quantizable
 from ..formats.scales import (
-    E4M3_MAX,
     decode_from_encode,
-    e4m3_rtne,
     global_encode_scale,
     nvfp4_block_encode_scale,
     nvfp4_block_scale,
+    tensor_amax,
 )
 from ..kernels.dispatch import quantize_parts
 
 WEIGHT_SCALE_METHODS = ("max", "mse", "4over6", "gptq")
+# the method of ``nvfp4kit quantize`` and of every library entry point that takes one
+DEFAULT_WEIGHT_SCALE = "gptq"
 # E4M3 code offsets tried by ``mse`` around the max-based scale (8 codes = a factor of 2)
 MSE_CODE_OFFSETS = tuple(range(-6, 3))
 _E4M3_MAX_CODE = 126  # 0x7E = 448; 0x7F is NaN in float8_e4m3fn
 
 
 def _amax_of(w: torch.Tensor, global_amax) -> torch.Tensor:
+    """The weight's own amax, or the given (shared) one, as a float32 0-dim tensor."""
     if global_amax is None:
-        return w.detach().float().abs().amax() if w.numel() else torch.zeros(())
+        return tensor_amax(w)
     amax = torch.as_tensor(global_amax, dtype=torch.float32).reshape(())
     if not bool(torch.isfinite(amax)) or float(amax) < 0:
         raise ValueError(f"global_amax must be finite and non-negative, got {float(amax)}")
@@ -203,30 +205,9 @@ def nvfp4_weight_parts(w: torch.Tensor, method: str = "max", global_amax=None, h
     raise ValueError(f"weight scale method must be one of {', '.join(WEIGHT_SCALE_METHODS)}, got {method!r}")
 
 
-# ----------------------------------------------------------------------------- FP8 (per-tensor)
-
-
-def fp8_weight(w: torch.Tensor, global_amax=None, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor FP8 E4M3: ``(weight_fp8, decode_scale)`` with ``decode_scale = amax / 448``."""
-    if not w.dtype.is_floating_point:
-        raise TypeError(f"{name}: FP8 quantizes floating tensors, got {w.dtype}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{name}: contains NaN/inf values; FP8 E4M3 has no encoding for them here")
-    amax = _amax_of(w, global_amax)
-    scale = fp8_scale_from_amax(amax)
-    return e4m3_rtne(w.detach().float() / scale), scale
-
-
-def fp8_scale_from_amax(amax) -> torch.Tensor:
-    """FP8 decode scale ``amax / 448`` (1.0 for a zero amax)."""
-    a = torch.as_tensor(amax, dtype=torch.float32).reshape(())
-    return torch.where(a > 0, a / E4M3_MAX, torch.ones_like(a))
-
-
 __all__ = [
+    "DEFAULT_WEIGHT_SCALE",
     "WEIGHT_SCALE_METHODS",
-    "fp8_scale_from_amax",
-    "fp8_weight",
     "gptq_weight_parts",
     "mse_weight_parts",
     "nvfp4_weight_parts",

@@ -15,7 +15,7 @@ Writing::
     The output is written to a temporary directory beside ``out`` and renamed when complete; an
     existing output directory is refused unless ``overwrite=True``. Fused groups (q/k/v, gate/up) must
     share one weight global scale (``strict_fused=False`` turns the error into a warning); use
-    :func:`shared_global_amax_groups` when quantizing to get the groups.
+    :func:`nvfp4kit.policy.fused_groups` when quantizing to get the groups.
 
 Reading::
 
@@ -66,16 +66,10 @@ from .quantized import (
     save_quantized,
     summarize_checkpoint,
 )
+from .nvfp4_file import load_nvfp4, save_nvfp4
 from .reader import CheckpointReader
 from .streaming import quantize_checkpoint
-from .rules import (
-    DEFAULT_EXCLUDE,
-    FUSED_SIBLINGS,
-    check_exclude_patterns,
-    check_shared_global_scales,
-    is_excluded,
-    shared_global_amax_groups,
-)
+from .rules import check_exclude_patterns, check_shared_global_scales, is_excluded
 from .types import QuantizedLinearWeight, QuantizedModel
 from .writer import ShardedWriter
 
@@ -85,8 +79,6 @@ __all__ = [
     "CheckpointSummary",
     "CheckpointReader",
     "COMPRESSED_TENSORS",
-    "DEFAULT_EXCLUDE",
-    "FUSED_SIBLINGS",
     "MODELOPT",
     "QuantizedLinearWeight",
     "QuantizedModel",
@@ -103,11 +95,12 @@ __all__ = [
     "detect_format",
     "is_excluded",
     "iter_records",
+    "load_nvfp4",
     "load_quantized",
     "quantize_checkpoint",
+    "save_nvfp4",
     "save_quantized",
     "scheme_of",
-    "shared_global_amax_groups",
     "summarize_checkpoint",
     "validate_linear",
     "validate_model",

@@ -26,7 +26,7 @@ WRITE_FORMATS = (MODELOPT, COMPRESSED_TENSORS)
 
 
 def producer() -> dict:
-    from .. import __version__
+    from ..version import __version__
 
     return {"name": "nvfp4kit", "version": __version__}
 

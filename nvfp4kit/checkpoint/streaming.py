@@ -1,7 +1,9 @@
 """Weight-only quantization of a sharded high-precision HF checkpoint, one tensor at a time.
 
-No model is built and no calibration is run: every 2-dim floating ``*.weight`` whose module is not
-excluded is quantized (NVFP4 W4A16, or per-tensor FP8 W8A16), everything else is copied. Tensors
+No model is built and no calibration is run: every 2-dim floating ``*.weight`` is a candidate Linear,
+and :func:`nvfp4kit.policy.plan_precision` (the same plan as in-memory PTQ: ``--exclude`` patterns,
+the default exclusions, K % 16) decides which are quantized (NVFP4 W4A16, or per-tensor FP8 W8A16);
+everything else is copied. Tensors
 are read lazily from the source shards and quantized in row chunks, and output shards are flushed as
 they fill, so peak memory is about one output shard plus one source tensor: checkpoints larger than
 RAM convert on a small machine.
@@ -17,16 +19,18 @@ from pathlib import Path
 import torch
 
 from .. import progress
+from ..formats.fp8 import fp8_quantize, fp8_scale
 from ..formats.nvfp4 import BLOCK_SIZE, NVFP4Parts
-from ..formats.scales import E4M3_MAX, e4m3_rtne
+from ..policy import DEFAULT_EXCLUDE, PrecisionPlan, fused_groups, plan_precision
 from .errors import CheckpointError
 from .quantized import UNQUANTIZED, RecordWriter, detect_format
 from .reader import FLOAT_DTYPES, CheckpointReader
-from .rules import DEFAULT_EXCLUDE, check_exclude_patterns, is_excluded, shared_global_amax_groups
 from .types import QuantizedLinearWeight
 from .writer import parse_size
 
 STREAM_SCHEMES = ("nvfp4", "fp8")
+# the PTQ scheme each streaming scheme is (weight-only: no calibration, no input scales)
+_PLAN_SCHEME = {"nvfp4": "w4a16", "fp8": "fp8"}
 # Elements per quantization chunk. The quantizer's float32 temporaries take ~24 bytes per element
 # of a chunk, so chunks of (output shard bytes / 128) elements keep the working set to ~0.2 shard;
 # clamped so tiny shards do not make tiny (slow) chunks and huge ones do not make huge temporaries.
@@ -42,34 +46,21 @@ def _rows_per_chunk(w: torch.Tensor, chunk: int) -> int:
     return max(1, chunk // max(1, w.shape[-1]))
 
 
-def plan_linears(reader: CheckpointReader, exclude=(), use_default_exclude: bool = True) -> tuple[list[str], list[str]]:
-    """``(modules to quantize, excluded modules)`` from the tensor headers alone.
-
-    A candidate is a 2-dim floating ``X.weight``; ``exclude`` (fnmatch over module names) and, unless
-    ``use_default_exclude`` is False, :data:`DEFAULT_EXCLUDE` keep candidates in high precision. Raises
-    :class:`CheckpointError` for exclude patterns that match nothing and for candidates whose K is
-    not a multiple of 16.
-    """
-    names = reader.names()
-    modules = sorted({n.rpartition(".")[0] for n in names if "." in n})
-    check_exclude_patterns(list(exclude), modules)
-    patterns = list(exclude) + (list(DEFAULT_EXCLUDE) if use_default_exclude else [])
-    quantize, excluded = [], []
-    for n in names:
-        if not n.endswith(".weight"):
-            continue
-        m = n[: -len(".weight")]
-        if len(reader.shape(n)) != 2 or reader.dtype_str(n) not in FLOAT_DTYPES:
-            continue
-        (excluded if is_excluded(m, patterns) else quantize).append(m)
-    bad = [(m, reader.shape(f"{m}.weight")) for m in quantize if reader.shape(f"{m}.weight")[1] % BLOCK_SIZE]
-    if bad:
-        listing = ", ".join(f"{m} {list(s)}" for m, s in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise CheckpointError(
-            f"{len(bad)} Linear weight(s) have K (the last dim) not a multiple of {BLOCK_SIZE}: {listing}; "
-            "keep them in high precision with exclude patterns (--exclude)"
-        )
-    return quantize, excluded
+def plan_linears(reader: CheckpointReader, scheme: str = "nvfp4", exclude=(),
+                 use_default_exclude: bool = True) -> PrecisionPlan:
+    """The precision plan of the checkpoint's candidate Linears (every 2-dim floating ``X.weight``),
+    from the tensor headers alone: :func:`nvfp4kit.policy.plan_precision` with ``exclude`` and, unless
+    ``use_default_exclude`` is False, the default exclusions. Raises :class:`CheckpointError` for
+    exclude patterns that match no candidate."""
+    shapes = {}
+    for n in reader.names():
+        if n.endswith(".weight") and len(reader.shape(n)) == 2 and reader.dtype_str(n) in FLOAT_DTYPES:
+            shapes[n[: -len(".weight")]] = tuple(reader.shape(n))
+    try:
+        return plan_precision(shapes, _PLAN_SCHEME[scheme], exclude,
+                              default_exclude=DEFAULT_EXCLUDE if use_default_exclude else ())
+    except ValueError as e:
+        raise CheckpointError(f"{reader.dir}: {e}") from None
 
 
 def _tensor_amax(w: torch.Tensor, where: str, chunk: int = MAX_CHUNK_ELEMENTS) -> torch.Tensor:
@@ -106,18 +97,12 @@ def quantize_nvfp4_rows(
     return NVFP4Parts(packed, scales, g.reshape(()))
 
 
-def fp8_decode_scale(amax: torch.Tensor) -> torch.Tensor:
-    """Per-tensor FP8 weight scale (decode direction): float32(amax / 448), 1 if amax is 0."""
-    s = amax.float() / torch.tensor(E4M3_MAX, dtype=torch.float32)
-    return torch.where(amax > 0, s, torch.ones_like(s)).reshape(())
-
-
 def quantize_fp8_rows(w: torch.Tensor, scale: torch.Tensor, chunk: int = MAX_CHUNK_ELEMENTS) -> torch.Tensor:
-    """E4M3 (RTNE, saturating) of ``w / scale`` in row chunks."""
+    """Per-tensor FP8 (:mod:`nvfp4kit.formats.fp8`) of ``w`` with a given scale, in row chunks."""
     rows = _rows_per_chunk(w, chunk)
     out = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
     for i in range(0, max(w.shape[0], 1), rows):
-        out[i : i + rows] = e4m3_rtne(w[i : i + rows].float() / scale)
+        out[i : i + rows] = fp8_quantize(w[i : i + rows], scale=scale)[0]
     return out
 
 
@@ -144,7 +129,8 @@ def quantize_checkpoint(
 
     ``scheme``: ``"nvfp4"`` (W4A16: E2M1 + E4M3 block scales + global scale) or ``"fp8"`` (W8A16,
     per-tensor). ``exclude``: fnmatch patterns over module names kept in high precision (each must
-    match something), in addition to :data:`DEFAULT_EXCLUDE` (embeddings, ``lm_head``, MoE routers).
+    match something), in addition to :data:`nvfp4kit.policy.DEFAULT_EXCLUDE` (the output head,
+    embeddings, routers, conv1d, MTP). The checkpoint lists the modules kept in high precision.
     ``format``: ``"modelopt"`` or ``"compressed-tensors"``. ``max_shard_size`` defaults to the largest
     source file. Every check (formats, patterns, K % 16, output directory) runs before anything is
     written; the output appears only when complete.
@@ -157,19 +143,20 @@ def quantize_checkpoint(
         info = detect_format(src, reader)
         if info.format != UNQUANTIZED:
             raise CheckpointError(f"{reader.dir} is already quantized ({info.format} {info.scheme}); use convert_checkpoint")
-        quantize, excluded = plan_linears(reader, exclude, use_default_exclude)
+        plan = plan_linears(reader, scheme, exclude, use_default_exclude)
+        quantize = plan.quantized()
         if not quantize:
             raise CheckpointError(f"{reader.dir}: no Linear weight left to quantize after exclusions")
-        patterns = exclude + (list(DEFAULT_EXCLUDE) if use_default_exclude else [])
-        # record the patterns that excluded something (defaults that match nothing are noise)
-        used = [p for p in patterns if any(is_excluded(m, [p]) for m in excluded)]
-        groups = {m: g for g in shared_global_amax_groups(quantize) for m in g}
+        for name, lp in plan.layers.items():
+            if lp.format == "bf16" and lp.reason.startswith("in_features"):
+                progress.log(f"{name}: kept in high precision ({lp.reason})")
+        groups = {m: g for g in fused_groups(quantize) for m in g}
         size = parse_size(max_shard_size) if max_shard_size else max(max(reader.file_bytes().values()), 1 << 20)
         chunk = chunk_elements(size)
         targets = set(quantize)
         done: set[str] = set()
         with progress.task(f"quantizing to {scheme}", total=len(quantize)) as task, RecordWriter(
-            out, format, config=info.config, exclude_modules=used, source_dir=reader.dir,
+            out, format, config=info.config, exclude_modules=sorted(plan.excluded()), source_dir=reader.dir,
             max_shard_size=size, overwrite=overwrite,
         ) as w:
             for name in reader.names():
@@ -192,7 +179,7 @@ def quantize_checkpoint(
                                 parts = quantize_nvfp4_rows(t, shared, backend, chunk)
                                 lw = QuantizedLinearWeight("nvfp4", (N, K), nvfp4=parts)
                             else:
-                                s = fp8_decode_scale(shared)
+                                s = fp8_scale(shared)
                                 lw = QuantizedLinearWeight("fp8", (N, K), fp8_weight=quantize_fp8_rows(t, s, chunk),
                                                            fp8_weight_scale=s)
                         except (ValueError, TypeError) as e:  # numerics refused the values

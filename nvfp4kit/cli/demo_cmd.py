@@ -5,25 +5,29 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
+from ..pipelines.demo import DemoJob
 from .app import app
+
+D = DemoJob()
 
 
 @app.command("demo")
 def demo_cmd(
-    out: str = typer.Option("nvfp4kit-demo/SmolLM2-135M-NVFP4", "--out", help="where the checkpoint is written"),
-    scheme: str = typer.Option("w4a4", "--scheme", help="w4a4 | w4a16"),
-    weight_scale: str = typer.Option("gptq", "--weight-scale", help="max | mse | 4over6 | gptq"),
-    format: str = typer.Option("modelopt", "--format", help="modelopt | compressed-tensors"),
-    calib_samples: int = typer.Option(16, "--calib-samples", help="calibration samples (built-in text)"),
-    seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration sample"),
-    eval_tokens: int = typer.Option(4096, "--eval-tokens", help="held-out tokens for perplexity"),
+    out: str = typer.Option(D.out, "--out", help="where the checkpoint is written"),
+    scheme: str = typer.Option(D.scheme, "--scheme", help="w4a4 | w4a16"),
+    weight_scale: str = typer.Option(D.weight_scale, "--weight-scale", help="max | mse | 4over6 | gptq"),
+    format: str = typer.Option(D.format, "--format", help="modelopt | compressed-tensors"),
+    calib_samples: int = typer.Option(D.calib_samples, "--calib-samples", help="calibration samples (built-in text)"),
+    seq_len: int = typer.Option(D.seq_len, "--seq-len", help="tokens per calibration sample"),
+    eval_tokens: int = typer.Option(D.eval_tokens, "--eval-tokens", help="held-out tokens for perplexity"),
 ) -> None:
     """Quantize the embedded SmolLM2-135M with built-in calibration text, write the checkpoint, reload it,
     and print fp32 vs NVFP4 perplexity on built-in held-out text."""
     from ..pipelines.demo import run_demo
 
     try:
-        r = run_demo(out, scheme, weight_scale, format, calib_samples, seq_len, eval_tokens)
+        r = run_demo(DemoJob(out=out, scheme=scheme, weight_scale=weight_scale, format=format,
+                             calib_samples=calib_samples, seq_len=seq_len, eval_tokens=eval_tokens))
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
     c = Console()

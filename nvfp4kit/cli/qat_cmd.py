@@ -8,7 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..pipelines.qat import QATJob
 from .app import app
+
+D = QATJob()
 
 
 @app.command("qat")
@@ -17,35 +20,35 @@ def qat_cmd(
                                         help="HF model folder, .gguf file or Nemotron 3 hybrid folder (default: the embedded SmolLM2-135M)"),
     data: Optional[str] = typer.Option(None, "--data", "-d",
                                        help="training text: .txt/.jsonl/.parquet/.csv file or folder (default: built-in)"),
-    steps: int = typer.Option(100, "--steps", help="optimizer steps"),
+    steps: int = typer.Option(D.steps, "--steps", help="optimizer steps"),
     out: str = typer.Option(..., "--out", "-o", help="output checkpoint folder (training state goes to OUT.qat/)"),
     distill: bool = typer.Option(False, "--distill", help="QAD: KL to the frozen full-precision model's logits"),
-    scheme: str = typer.Option("w4a4", "--scheme", help="w4a4 (NVFP4 weights and activations) or w4a16"),
-    fmt: str = typer.Option("modelopt", "--format", help="modelopt or compressed-tensors"),
-    lr: float = typer.Option(1e-5, "--lr", help="peak learning rate (AdamW; warm-up then cosine to 10%)"),
-    warmup: int = typer.Option(5, "--warmup", help="warm-up steps"),
-    batch_size: int = typer.Option(1, "--batch-size", help="sequences per step"),
-    seq_len: int = typer.Option(256, "--seq-len", help="tokens per sequence"),
-    seed: int = typer.Option(0, "--seed", help="data-order seed"),
-    temperature: float = typer.Option(1.0, "--temperature", help="distillation temperature"),
-    ce_weight: float = typer.Option(0.0, "--ce-weight", help="with --distill: add this times the next-token loss"),
-    trainable: str = typer.Option("quantized", "--trainable",
+    scheme: str = typer.Option(D.scheme, "--scheme", help="w4a4 (NVFP4 weights and activations) or w4a16"),
+    fmt: str = typer.Option(D.format, "--format", help="modelopt or compressed-tensors"),
+    lr: float = typer.Option(D.lr, "--lr", help="peak learning rate (AdamW; warm-up then cosine to 10%)"),
+    warmup: int = typer.Option(D.warmup, "--warmup", help="warm-up steps"),
+    batch_size: int = typer.Option(D.batch_size, "--batch-size", help="sequences per step"),
+    seq_len: int = typer.Option(D.seq_len, "--seq-len", help="tokens per sequence"),
+    seed: int = typer.Option(D.seed, "--seed", help="data-order seed"),
+    temperature: float = typer.Option(D.temperature, "--temperature", help="distillation temperature"),
+    ce_weight: float = typer.Option(D.ce_weight, "--ce-weight", help="with --distill: add this times the next-token loss"),
+    trainable: str = typer.Option(D.trainable, "--trainable",
                                   help="quantized (the fake-quantized Linears) or all parameters"),
-    weight_amax: str = typer.Option("dynamic", "--weight-amax",
+    weight_amax: str = typer.Option(D.weight_amax, "--weight-amax",
                                     help="weight global amax: dynamic (recomputed) or fixed (initial/PTQ value)"),
-    weight_scale: str = typer.Option("max", "--weight-scale", help="weight block scales: max, mse or 4over6"),
-    calib_samples: int = typer.Option(16, "--calib-samples", help="calibration sequences for the activation amax"),
-    eval_tokens: int = typer.Option(4096, "--eval-tokens", help="held-out tokens (end of the data) for perplexity"),
+    weight_scale: str = typer.Option(D.weight_scale, "--weight-scale", help="weight block scales: max, mse or 4over6"),
+    calib_samples: int = typer.Option(D.calib_samples, "--calib-samples", help="calibration sequences for the activation amax"),
+    eval_tokens: int = typer.Option(D.eval_tokens, "--eval-tokens", help="held-out tokens (end of the data) for perplexity"),
     ptq: Optional[str] = typer.Option(None, "--ptq", help="initialise formats and activation scales from this PTQ checkpoint"),
     weights_from_ptq: bool = typer.Option(False, "--weights-from-ptq", help="with --ptq: start from its dequantized weights"),
     plan: Optional[str] = typer.Option(None, "--plan", help="mixed-precision plan JSON (from quantize --scheme mixed)"),
     exclude: List[str] = typer.Option([], "--exclude", "-x", help="fnmatch pattern kept in high precision (repeatable)"),
-    save_every: int = typer.Option(50, "--save-every", help="training checkpoint interval (steps)"),
+    save_every: int = typer.Option(D.save_every, "--save-every", help="training checkpoint interval (steps)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest training checkpoint in OUT.qat/"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
 ) -> None:
     """Train through the NVFP4 quantizer (straight-through estimator) and export the quantized checkpoint."""
-    from ..pipelines.qat import QATJob, run_qat
+    from ..pipelines.qat import run_qat
 
     job = QATJob(model=model, data=data, out=out, steps=steps, distill=distill, scheme=scheme, format=fmt, lr=lr,
                  warmup=warmup, batch_size=batch_size, seq_len=seq_len, seed=seed, temperature=temperature,

@@ -7,7 +7,10 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from ..pipelines.quantize import QuantizeJob
 from .app import app
+
+D = QuantizeJob()
 
 
 @app.command("quantize")
@@ -15,13 +18,13 @@ def quantize_cmd(
     model: Optional[str] = typer.Option(
         None, "--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"),
     out: str = typer.Option(..., "--out", help="output checkpoint folder (written atomically)"),
-    format: str = typer.Option("modelopt", "--format", help="modelopt | compressed-tensors"),
-    scheme: str = typer.Option("w4a4", "--scheme", help="w4a4 | w4a16 | fp8 | mixed"),
-    weight_scale: str = typer.Option("gptq", "--weight-scale", help="max | mse | 4over6 | gptq"),
+    format: str = typer.Option(D.format, "--format", help="modelopt | compressed-tensors"),
+    scheme: str = typer.Option(D.scheme, "--scheme", help="w4a4 | w4a16 | fp8 | mixed"),
+    weight_scale: str = typer.Option(D.weight_scale, "--weight-scale", help="max | mse | 4over6 | gptq"),
     calib: Optional[str] = typer.Option(
         None, "--calib", help="calibration text: .txt/.jsonl/.json/.parquet/.csv file or folder (default: built-in)"),
-    calib_samples: int = typer.Option(64, "--calib-samples", help="number of calibration samples"),
-    seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration sample"),
+    calib_samples: int = typer.Option(D.calib_samples, "--calib-samples", help="number of calibration samples"),
+    seq_len: int = typer.Option(D.seq_len, "--seq-len", help="tokens per calibration sample"),
     exclude: Optional[List[str]] = typer.Option(
         None, "--exclude", help="fnmatch pattern of modules kept in high precision (repeatable)"),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="precision preset, e.g. nemotron3-super"),
@@ -43,7 +46,7 @@ def quantize_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
 ) -> None:
     """Quantize a model to NVFP4 (or FP8 / mixed) with calibration and write the checkpoint."""
-    from ..pipelines.quantize import QuantizeJob, run_quantize, run_streaming
+    from ..pipelines.quantize import run_quantize, run_streaming
 
     console = Console()
     job = QuantizeJob(model=model, out=out, format=format, scheme=scheme, weight_scale=weight_scale, calib=calib,

@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import progress
+from ..losses import causal_lm_logits, next_token_loss
 
 
 @dataclass(frozen=True)
@@ -17,14 +17,6 @@ class Perplexity:
     ppl: float
     nll: float  # mean negative log-likelihood per predicted token (nats)
     n_tokens: int  # predicted tokens
-
-
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    try:
-        out = model(input_ids=ids, use_cache=False)
-    except TypeError:
-        out = model(ids)
-    return out.logits if hasattr(out, "logits") else out
 
 
 @torch.no_grad()
@@ -50,8 +42,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, ma
     with progress.task(desc, total=len(starts)) as t:
         for s in starts:
             window = ids[s:s + seq_len].unsqueeze(0)
-            logits = _logits(model, window).float()
-            nll = F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
+            nll = next_token_loss(causal_lm_logits(model, window), window, reduction="sum")
             total += float(nll)
             count += window.shape[1] - 1
             t.advance(1, ppl=math.exp(total / count))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.layout import dequantize_linear
 from ..checkpoint.types import QuantizedModel
-from .emulation import dequantize_weight
 
 
 @dataclass
@@ -49,7 +49,7 @@ def layer_rows(qmodel: QuantizedModel, reference: dict[str, torch.Tensor] | None
                     raise ValueError(f"{name}: reference weight shape {tuple(ref.shape)} != quantized {tuple(q.shape)}")
                 r = ref.detach().double()
                 denom = float(r.norm())
-                diff = float((dequantize_weight(q, torch.float64) - r).norm())
+                diff = float((dequantize_linear(q, torch.float64) - r).norm())
                 err = diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)
         rows.append(LayerRow(name, q.format, tuple(q.shape), gs, bmin, bmean, bmax, q.input_amax, err))
     return rows

@@ -27,9 +27,10 @@ from .scales import E4M3_MAX, e4m3_rtne, tensor_amax
 
 def fp8_scale(amax) -> torch.Tensor:
     """The decode scale ``float32(amax / 448)`` (1.0 for a zero amax), a 0-dim float32 tensor on amax's device."""
-    a = torch.as_tensor(amax)
-    device = a.device
-    a = a.detach().to(torch.float64).reshape(())
+    if isinstance(amax, torch.Tensor):
+        device, a = amax.device, amax.detach().to(torch.float64).reshape(())
+    else:  # a Python float is a float64: not rounded to float32 first
+        device, a = torch.device("cpu"), torch.tensor(float(amax), dtype=torch.float64)
     if not bool(torch.isfinite(a)) or float(a) < 0:
         raise ValueError(f"FP8 amax must be finite and non-negative, got {float(a)}")
     s = torch.where(a > 0, a / E4M3_MAX, torch.ones_like(a))

@@ -17,7 +17,8 @@ from typing import Literal
 
 import torch
 
-from ..formats.nvfp4 import Block, NVFP4Parts, quantize_parts as reference_quantize_parts
+from ..formats.nvfp4 import Block, NVFP4Parts, dequantize_parts
+from ..formats.nvfp4 import quantize_parts as reference_quantize_parts
 
 Backend = Literal["auto", "torch", "compiled", "triton"]
 BACKENDS = ("auto", "torch", "compiled", "triton")
@@ -88,3 +89,17 @@ def quantize_parts(
         x, block=tuple(block), rounding=rounding, generator=generator, global_amax=global_amax,
         scale_rule=scale_rule, name=name,
     )
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    global_amax=None,
+    block: Block = (1, 16),
+    scale_rule: str = "max",
+    backend: Backend = "auto",
+    name: str = "input",
+) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of ``x`` (round to nearest, no autograd), in ``x``'s dtype: the values
+    ``nvfp4kit.quantize(x, ...).dequantize()`` represents, through the chosen backend."""
+    parts = quantize_parts(x.detach(), tuple(block), "nearest", None, global_amax, scale_rule, backend, name)
+    return dequantize_parts(parts.packed, parts.block_scale, parts.global_decode_scale, x.dtype)

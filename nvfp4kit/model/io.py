@@ -1,74 +1,37 @@
-"""Loading and saving in the released HF layout: ``config.json`` plus sharded safetensors with a
-``model.safetensors.index.json`` weight map. Names are the module names of the model.
+"""Loading and saving in the released HF layout: ``config.json`` plus safetensors (sharded with a
+``model.safetensors.index.json`` weight map, or one ``model.safetensors``). Names are the module names
+of the model.
 
-Loading builds the model on the meta device, checks every tensor name and shape against the
-checkpoint headers before reading any data, then reads tensors one at a time.
-Saving writes into a temporary directory and renames it when complete.
+Both directions go through the checkpoint package's machinery: :class:`~nvfp4kit.checkpoint.reader.CheckpointReader`
+(headers checked before any data is read, one tensor at a time, errors naming the file and tensor) and
+:class:`~nvfp4kit.checkpoint.writer.ShardedWriter` (sharded, written to a temporary folder and renamed
+when complete). Errors are :class:`~nvfp4kit.checkpoint.CheckpointError`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..checkpoint.errors import CheckpointError
+from ..checkpoint.reader import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, CheckpointReader
+from ..checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from .config import NemotronConfig
 from .lm import NemotronForCausalLM
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+# tensors kept in float32 whatever dtype the rest of the model is loaded or saved in
 FP32_TENSORS = ("e_score_correction_bias",)
 
-
-class CheckpointError(ValueError):
-    pass
-
-
-def _shards(path: Path) -> dict[str, Path]:
-    """tensor name -> shard file."""
-    idx = path / INDEX_NAME
-    if idx.exists():
-        try:
-            weight_map = json.loads(idx.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{idx}: not a safetensors index ({e})") from None
-        out = {}
-        for name, f in weight_map.items():
-            fp = path / f
-            if not fp.exists():
-                raise CheckpointError(f"{idx}: tensor {name!r} is mapped to missing shard {f}")
-            out[name] = fp
-        return out
-    single = path / SINGLE_NAME
-    if single.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return {k: single for k in f.keys()}
-    raise CheckpointError(f"{path}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+__all__ = ["CheckpointError", "FP32_TENSORS", "INDEX_NAME", "SINGLE_NAME", "check_names_and_shapes", "load_pretrained",
+           "load_weights", "read_header_shapes", "save_pretrained"]
 
 
 def read_header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a checkpoint directory (headers only)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    by_file: dict[Path, list[str]] = {}
-    for name, fp in _shards(path).items():
-        by_file.setdefault(fp, []).append(name)
-    shapes = {}
-    for fp, names in by_file.items():
-        with safe_open(str(fp), framework="pt") as f:
-            keys = set(f.keys())
-            for n in names:
-                if n not in keys:
-                    raise CheckpointError(f"{fp.name}: index maps tensor {n!r} to this shard, which lacks it")
-                shapes[n] = tuple(f.get_slice(n).get_shape())
-    return shapes
+    with CheckpointReader(path) as reader:
+        return {n: reader.shape(n) for n in reader.names()}
 
 
 def check_names_and_shapes(expected: dict[str, tuple], found: dict[str, tuple], where: str = "checkpoint") -> None:
@@ -103,90 +66,57 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         raise CheckpointError(f"{name}: not a parameter or buffer of the model")
 
 
+def _dtype_for(name: str, stored: torch.dtype, model_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    if name.endswith(FP32_TENSORS):
+        return torch.float32
+    if not model_dtype.is_floating_point:
+        return stored
+    return dtype or model_dtype
+
+
 def load_weights(model: NemotronForCausalLM, path: str | os.PathLike, *, device="cpu", dtype=None) -> NemotronForCausalLM:
     """Read a checkpoint directory's tensors into ``model`` (which may live on the meta device)."""
-    from safetensors import safe_open
-
     from .. import progress
 
     path = Path(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = read_header_shapes(path)
-    check_names_and_shapes(expected, found, where=str(path))
-    by_file: dict[Path, list[str]] = {}
-    for name, fp in _shards(path).items():
-        by_file.setdefault(fp, []).append(name)
     model_dtype = {k: v.dtype for k, v in model.state_dict().items()}
-    with progress.task(f"loading {path.name}", total=len(found)) as task:
-        for fp, names in sorted(by_file.items()):
-            with safe_open(str(fp), framework="pt", device=str(device)) as f:
-                for n in names:
-                    t = f.get_tensor(n)
-                    if n.endswith(FP32_TENSORS):
-                        want = torch.float32
-                    else:
-                        want = dtype or (model_dtype[n] if model_dtype[n].is_floating_point else t.dtype)
-                    _set_tensor(model, n, t.to(want))
-                    task.advance(1)
+    with CheckpointReader(path) as reader:
+        found = {n: reader.shape(n) for n in reader.names()}
+        check_names_and_shapes(expected, found, where=str(path))
+        with progress.task(f"loading {path.name}", total=len(found)) as task:
+            for n in reader.names():
+                t = reader.get(n)
+                _set_tensor(model, n, t.to(device=device, dtype=_dtype_for(n, t.dtype, model_dtype[n], dtype)))
+                task.advance(1)
     return model
 
 
 def load_pretrained(path: str | os.PathLike, *, device="cpu", dtype=None) -> NemotronForCausalLM:
     """Model from a directory in the released layout (config.json + safetensors shards)."""
     path = Path(path)
-    config = NemotronConfig.from_json(path / "config.json")
+    config = NemotronConfig.from_json(path / CONFIG_NAME)
     with torch.device("meta"):
         model = NemotronForCausalLM(config, dtype=dtype)
     return load_weights(model, path, device=device, dtype=dtype)
 
 
-def save_pretrained(model: NemotronForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2 ** 30,
-                    dtype=None, overwrite: bool = False) -> Path:
-    """Write config.json, ``model-0000i-of-0000n.safetensors`` shards and the index.
-    The directory appears only when complete."""
-    from safetensors.torch import save_file
-
+def save_pretrained(model: NemotronForCausalLM, path: str | os.PathLike, *,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None, overwrite: bool = False) -> Path:
+    """Write ``config.json`` and the safetensors shards (``model-0000i-of-0000n.safetensors`` and the
+    index, or one ``model.safetensors``). The directory appears only when complete; an existing
+    non-empty one is refused unless ``overwrite``."""
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True)")
     state = model.state_dict()
     for k, v in state.items():
         if v.device.type == "meta":
             raise CheckpointError(f"{k}: tensor is on the meta device (weights were never loaded)")
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        if dtype is not None and v.is_floating_point() and not k.endswith(FP32_TENSORS):
-            v = v.to(dtype)
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v.detach().contiguous().cpu()
-        size += nbytes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    try:
-        model.config.save_json(tmp / "config.json")
-        weight_map = {}
-        total = 0
-        n = len(shards)
-        for i, sh in enumerate(shards, start=1):
-            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-            save_file(sh, str(tmp / fname), metadata={"format": "pt"})
-            for k, v in sh.items():
-                weight_map[k] = fname
-                total += v.numel() * v.element_size()
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old"))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    empty_dir = path.is_dir() and not any(path.iterdir())
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with ShardedWriter(path, max_shard_bytes, overwrite or empty_dir) as w:
+        for k, v in state.items():
+            if dtype is not None and v.is_floating_point() and not k.endswith(FP32_TENSORS):
+                v = v.to(dtype)
+            w.add(k, v)
+        w.write_json(CONFIG_NAME, model.config.to_dict())
+    return w.out

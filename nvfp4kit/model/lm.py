@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..losses import shifted_cross_entropy
 from .attention import KVCache
 from .blocks import Block
 from .config import NemotronConfig
@@ -183,10 +184,10 @@ class NemotronForCausalLM(torch.nn.Module):
                 prev = self.mtp(prev, emb_d, d)
                 out.mtp_logits.append(self.lm_head(prev))
         if labels is not None:
-            out.main_loss = _shifted_ce(logits if not logits_to_keep else self.lm_head(h), labels, 1)
+            out.main_loss = shifted_cross_entropy(logits if not logits_to_keep else self.lm_head(h), labels, 1)
             loss = out.main_loss
             for d, lg in enumerate(out.mtp_logits, start=1):
-                ce = _shifted_ce(lg, labels, d + 1)
+                ce = shifted_cross_entropy(lg, labels, d + 1)
                 out.mtp_losses.append(ce)
                 loss = loss + (self.config.mtp_loss_scale / mtp_depths) * ce
             out.loss = loss
@@ -272,16 +273,6 @@ class NemotronForCausalLM(torch.nn.Module):
         if eos_token_id is not None and eos_token_id in new:
             new = new[:new.index(eos_token_id) + 1]
         return torch.tensor([input_ids[0].tolist() + new], device=dev), stats
-
-
-def _shifted_ce(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
-    """Mean CE of ``logits[:, t]`` against ``labels[:, t + shift]`` (ignore index -100)."""
-    T = labels.shape[1]
-    if T <= shift:
-        return logits.sum() * 0.0
-    lg = logits[:, :T - shift].float()
-    tg = labels[:, shift:]
-    return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=-100)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

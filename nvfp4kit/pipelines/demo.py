@@ -12,8 +12,11 @@ from pathlib import Path
 
 from ..calibrate.data import load_text, tokenize
 from ..evaluate.perplexity import Perplexity, perplexity
-from .eval import load_quantized_model
-from .quantize import QuantizeJob, QuantizeResult, load_source_model, run_quantize
+from ..calibrate.ptq import DEFAULT_SCHEME, QuantizeResult
+from ..calibrate.weight_scales import DEFAULT_WEIGHT_SCALE
+from ..checkpoint.quantized import MODELOPT
+from .models import load_quantized_model, load_source_model
+from .quantize import QuantizeJob, run_quantize
 
 
 @dataclass
@@ -24,16 +27,32 @@ class DemoResult:
     quantize: QuantizeResult
 
 
-def run_demo(out: str, scheme: str = "w4a4", weight_scale: str = "gptq", format: str = "modelopt",
-             calib_samples: int = 32, seq_len: int = 256, eval_tokens: int = 4096,
-             eval_seq_len: int = 512, overwrite: bool = True) -> DemoResult:
+@dataclass
+class DemoJob:
+    """The demo's options; the defaults are what ``nvfp4kit demo`` runs (the README's promised figures)."""
+
+    out: str = "nvfp4kit-demo/SmolLM2-135M-NVFP4"
+    scheme: str = DEFAULT_SCHEME
+    weight_scale: str = DEFAULT_WEIGHT_SCALE
+    format: str = MODELOPT
+    calib_samples: int = 16
+    seq_len: int = 256
+    eval_tokens: int = 4096
+    eval_seq_len: int = 512
+    overwrite: bool = True
+
+
+def run_demo(job: DemoJob | None = None) -> DemoResult:
+    """Quantize the embedded model with built-in calibration text, write and reload the checkpoint,
+    and measure fp32 vs NVFP4 perplexity on built-in held-out text."""
+    job = job or DemoJob()
     loaded = load_source_model(None)
     ids = tokenize(loaded.tokenizer, load_text(None, "eval"))
-    fp32 = perplexity(loaded.model, ids, eval_seq_len, eval_tokens, desc="perplexity (fp32)")
-    job = QuantizeJob(model=None, out=out, format=format, scheme=scheme, weight_scale=weight_scale,
-                      calib_samples=calib_samples, seq_len=seq_len, overwrite=overwrite)
-    result, path = run_quantize(job, loaded)
+    fp32 = perplexity(loaded.model, ids, job.eval_seq_len, job.eval_tokens, desc="perplexity (fp32)")
+    qjob = QuantizeJob(model=None, out=job.out, format=job.format, scheme=job.scheme, weight_scale=job.weight_scale,
+                       calib_samples=job.calib_samples, seq_len=job.seq_len, overwrite=job.overwrite)
+    result, path = run_quantize(qjob, loaded)
     del loaded
     q = load_quantized_model(path)
-    quant = perplexity(q.model, ids, eval_seq_len, eval_tokens, desc=f"perplexity (NVFP4 {scheme})")
+    quant = perplexity(q.model, ids, job.eval_seq_len, job.eval_tokens, desc=f"perplexity (NVFP4 {job.scheme})")
     return DemoResult(path, fp32, quant, result)

@@ -5,7 +5,7 @@ Causal LMs are measured by perplexity (and, given a reference model, the gap to 
 embeddings to those of a reference model (:mod:`nvfp4kit.evaluate.embedding`), so they need one.
 
 Quantized checkpoints (modelopt HF or compressed-tensors) are loaded into the architecture named by
-their ``config.json`` with every quantized Linear emulated (:mod:`nvfp4kit.evaluate.emulation`):
+their ``config.json`` with every quantized Linear emulated (:mod:`nvfp4kit.calibrate.emulation`):
 W4A16 uses the dequantized weights; W4A4 also quantizes each Linear's input per 1x16 block with the
 static input global scale of the checkpoint. A checkpoint with an FP8 KV cache (``k_scale`` /
 ``v_scale``) also gets its cached keys (post-RoPE) and values quantize-dequantized to FP8 E4M3 with
@@ -14,101 +14,16 @@ those static scales in every attention, unless ``kv_cache=False``.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import progress
 from ..calibrate.data import load_text, tokenize
-from ..calibrate.moe import unfuse_experts
 from ..evaluate.embedding import EmbeddingSimilarity, compare_embeddings, embed, pooling_mode, split_sentences
-from ..evaluate.emulation import apply_kv_cache, apply_quantized
 from ..evaluate.perplexity import Perplexity, perplexity
-from .hf_models import CAUSAL_LM, ENCODER, max_positions
-from .quantize import LoadedModel, is_quantized_checkpoint, load_source_model
-
-
-def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                         quantize_inputs: bool = True, kv_cache: bool = True) -> LoadedModel:
-    """An HF model built from a quantized checkpoint's config, its quantized Linears emulated
-    (and, with ``kv_cache``, its FP8 KV cache if the checkpoint has one)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..checkpoint import load_quantized
-    from .hf_models import hf_model_class
-
-    p = Path(path)
-    if qm_is_hybrid(p):
-        return _load_quantized_hybrid(p, dtype, quantize_inputs, kv_cache)
-    with progress.task(f"loading {p.name}", total=1) as t:
-        qm = load_quantized(p)
-        config = AutoConfig.from_pretrained(str(p))
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model_class = hf_model_class(config)
-        model = model_class.from_config(config, dtype)
-        unfuse_experts(model)
-        apply_quantized(model, qm, dtype, quantize_inputs)
-        result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in qm.tensors.items()},
-                                       strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{p}: tensors the model does not have: {', '.join(result.unexpected_keys[:5])}")
-        tied = set()
-        if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None),
-                                                                     "tie_word_embeddings", False):
-            model.tie_weights()
-            tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
-        missing = [k for k in result.missing_keys if k not in tied]
-        if missing:
-            raise ValueError(f"{p}: checkpoint lacks tensors the model needs: {', '.join(missing[:5])}")
-        if kv_cache:
-            apply_kv_cache(model, qm)
-        tok = AutoTokenizer.from_pretrained(str(p))
-        t.advance(1)
-    model.eval()
-    return LoadedModel(model, tok, str(p), "quantized", qm, task=model_class.kind)
-
-
-def qm_is_hybrid(path: Path) -> bool:
-    from .quantize import is_hybrid_checkpoint
-
-    return is_hybrid_checkpoint(path)
-
-
-def _load_quantized_hybrid(p: Path, dtype: torch.dtype, quantize_inputs: bool, kv_cache: bool = True) -> LoadedModel:
-    """A quantized Nemotron 3 hybrid checkpoint in nvfp4kit's model, quantized Linears emulated."""
-    from ..checkpoint import load_quantized
-    from ..model.config import NemotronConfig
-    from ..model.lm import NemotronForCausalLM
-    from .quantize import _tokenizer_or_none
-
-    with progress.task(f"loading {p.name}", total=1) as t:
-        qm = load_quantized(p)
-        cfg = {k: v for k, v in qm.config.items() if k != "quantization_config"}
-        model = NemotronForCausalLM(NemotronConfig.from_dict(cfg), dtype=dtype)
-        apply_quantized(model, qm, dtype, quantize_inputs)
-        result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in qm.tensors.items()},
-                                       strict=False)
-        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-        if result.unexpected_keys or missing:
-            bad = result.unexpected_keys or missing
-            raise ValueError(f"{p}: checkpoint tensors do not match the model: {', '.join(bad[:5])}")
-        if kv_cache:
-            apply_kv_cache(model, qm)
-        t.advance(1)
-    model.eval()
-    return LoadedModel(model, _tokenizer_or_none(p), str(p), "quantized", qm)
-
-
-def load_model(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32,
-               quantize_inputs: bool = True, kv_cache: bool = True) -> LoadedModel:
-    """Any model ``nvfp4kit eval`` accepts: HF folder, ``.gguf``, quantized checkpoint, or the embedded default."""
-    if path is not None and Path(path).is_dir() and is_quantized_checkpoint(Path(path)):
-        return load_quantized_model(path, dtype, quantize_inputs, kv_cache)
-    return load_source_model(path, dtype)
+from .models import CAUSAL_LM, ENCODER, LoadedModel, load_model, max_positions
 
 
 @dataclass

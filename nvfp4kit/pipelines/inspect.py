@@ -6,12 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from .. import progress
-from ..calibrate.moe import unfuse_experts
 from ..evaluate.report import LayerRow, layer_rows, plot_layer_errors
+from .models import reference_linear_weights
 
 
 @dataclass
@@ -26,15 +23,6 @@ class InspectResult:
     kv_cache_amax: dict[str, tuple[float, float]] | None = None  # attention -> (k_amax, v_amax)
 
 
-def reference_weights(source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
-    """Linear weights (by module name) of a high-precision source model (HF folder, .gguf, or embedded)."""
-    from .quantize import load_source_model
-
-    loaded = load_source_model(source)
-    unfuse_experts(loaded.model)
-    return {n: m.weight.detach() for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
-
-
 def inspect_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None = None, plot: str | None = None,
                        use_embedded_reference: bool = False) -> InspectResult:
     """Per-layer rows of a quantized checkpoint; with ``against``, the relative weight error per layer."""
@@ -47,7 +35,7 @@ def inspect_checkpoint(path: str | os.PathLike, against: str | os.PathLike | Non
     with progress.task(f"reading {p.name}", total=1) as t:
         qm = load_quantized(p)
         t.advance(1)
-    ref = reference_weights(against) if (against is not None or use_embedded_reference) else None
+    ref = reference_linear_weights(against) if (against is not None or use_embedded_reference) else None
     rows = layer_rows(qm, ref)
     plot_path = None
     if plot is not None:

@@ -1,27 +1,24 @@
 """Quantization-aware post-training (QAT) and distillation (QAD): the job behind ``nvfp4kit qat``.
 
 Steps: load the model (an HF folder, a ``.gguf`` file, a Nemotron 3 hybrid folder, or the embedded
-SmolLM2-135M); keep a frozen
-full-precision copy as the teacher when distilling; replace the Linears by fake-quant modules
-(W4A4 or W4A16; a mixed-precision plan or a PTQ checkpoint may set the format per module);
-calibrate the static activation amax (max observer, or taken from the PTQ checkpoint); train with
-AdamW (linear warm-up, cosine decay to 10%) on windows of ``seq_len`` tokens drawn from the data;
-export the quantized records with :func:`~nvfp4kit.checkpoint.save_quantized`, in the same formats
-as ``nvfp4kit quantize``.
+SmolLM2-135M; :mod:`nvfp4kit.pipelines.models`); keep a frozen full-precision copy as the teacher when
+distilling; replace the Linears by fake-quant modules (W4A4 or W4A16; a mixed-precision plan or a PTQ
+checkpoint may set the format per module; :mod:`nvfp4kit.calibrate.qat`); calibrate the static
+activation amax (max observer, or taken from the PTQ checkpoint); train on :mod:`nvfp4kit.training`'s
+loop (AdamW, linear warm-up then cosine decay to 10% of the peak at the last step, exact-resume
+checkpoints, metrics) on non-overlapping windows of ``seq_len`` tokens in a seeded order; export the
+quantized records with :func:`~nvfp4kit.checkpoint.save_quantized`, in the same formats as
+``nvfp4kit quantize``.
 
-Training state lives beside the output, in ``OUT.qat/``: ``checkpoints/step_XXXXXXXX/``
-(``trainable.safetensors``: the trained tensors and the fake-quant scales; ``optimizer.safetensors``;
-``state.json``), ``checkpoints/latest``, and ``metrics.jsonl`` (one line per logged step). Each
-checkpoint is written to a temporary directory and renamed when complete; ``resume=True`` continues
-from the latest one. The window of every step is a pure function of (seed, step), so a resumed run
-sees the same data as an uninterrupted one.
+Training state lives beside the output, in ``OUT.qat/``: the training loop's ``checkpoints/step_XXXXXXXX/``
+and ``checkpoints/latest``, ``metrics.csv`` / ``metrics.json`` / ``loss.png``. ``resume=True`` continues
+from the latest checkpoint of the same job (a different configuration is refused).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -29,64 +26,37 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import progress
 from ..calibrate.data import load_text, tokenize
 from ..calibrate.mixed import MixedPrecisionPlan
 from ..calibrate.qat import (
-    DEFAULT_EXCLUDE,
     QATLoss,
     calibrate_input_amax,
     export_quantized_model,
     fake_quant_modules,
     frozen_teacher,
-    model_logits,
-    next_token_loss,
     prepare_qat,
 )
+from ..checkpoint.quantized import MODELOPT
 from ..checkpoint.types import QuantizedModel
+from ..losses import causal_lm_logits
+from ..policy import DEFAULT_EXCLUDE
+from ..training import checkpointing
+from ..training.data import PackedLoader
+from ..training.loop import TrainConfig, evaluate, make_optimizer, train
+from .models import load_causal_lm
 
 SCHEMES = ("w4a4", "w4a16")
 TRAINABLE = ("quantized", "all")
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_model_and_tokenizer(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
-    """A causal LM and its tokenizer: an HF folder, a ``.gguf`` file, a Nemotron 3 hybrid folder, or the
-    embedded default (loaded as ``nvfp4kit quantize`` loads it)."""
-    from .hf_models import CAUSAL_LM
-    from .quantize import load_source_model
-
-    p = None if path is None else Path(path)
-    if p is not None and p.is_dir() and (p / "config.json").is_file():
-        cfg = json.loads((p / "config.json").read_text())
-        if "quantization_config" in cfg or (p / "hf_quant_config.json").is_file():
-            raise ValueError(f"--model {str(p)!r} is a quantized checkpoint; train from its full-precision source "
-                             "and pass the PTQ checkpoint as --ptq")
-    loaded = load_source_model(path, dtype)
-    if loaded.task != CAUSAL_LM:
-        raise ValueError(f"--model {loaded.source!r} is an encoder ({type(loaded.model).__name__}); QAT/QAD here train "
-                         "on next-token prediction and need a causal LM")
-    if loaded.tokenizer is None:
-        raise ValueError(f"--model {loaded.source!r} has no tokenizer files, needed to tokenize --data")
-    return loaded.model, loaded.tokenizer
+# QAT fine-tunes a pretrained model: AdamW's usual betas, no gradient clipping, no autocast (the fake
+# quantizers compute in the model's precision)
+QAT_BETA2 = 0.999
+MIN_LR_RATIO = 0.1
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def window(tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """The ``[batch_size, seq_len]`` training batch of ``step``: random windows, a function of (seed, step)."""
-    n = tokens.numel() - seq_len
-    if n < 1:
-        raise ValueError(f"the training text has {tokens.numel()} tokens, fewer than one window of {seq_len + 1}")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, n, (batch_size,), generator=g)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
 
 
 def split_tokens(tokens: torch.Tensor, eval_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,27 +71,12 @@ def split_tokens(tokens: torch.Tensor, eval_tokens: int, seq_len: int) -> tuple[
     return tokens[:-held], tokens[-held:].reshape(n_eval, seq_len).clone()
 
 
-@torch.no_grad()
-def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
-    """Mean next-token cross-entropy (nats) over ``windows`` ``[n, L]`` (each predicts L-1 tokens)."""
-    if windows.numel() == 0:
-        raise ValueError("mean_loss: no evaluation windows")
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            ids = windows[i:i + batch_size]
-            n = ids.shape[0] * (ids.shape[1] - 1)
-            total += float(next_token_loss(model_logits(model, ids), ids)) * n
-            count += n
-    finally:
-        model.train(was)
-    return total / count
-
-
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
-    return math.exp(mean_loss(model, windows, batch_size))
+def training_windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows from the start of ``tokens`` (the tail shorter than one is dropped)."""
+    n = tokens.numel() // seq_len
+    if n < 1:
+        raise ValueError(f"the training text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
+    return tokens[: n * seq_len].reshape(n, seq_len).clone()
 
 
 # ----------------------------------------------------------------------------- the job
@@ -135,7 +90,7 @@ class QATJob:
     steps: int = 100
     distill: bool = False
     scheme: str = "w4a4"
-    format: str = "modelopt"
+    format: str = MODELOPT
     lr: float = 1e-5
     warmup: int = 5
     weight_decay: float = 0.0
@@ -154,7 +109,6 @@ class QATJob:
     plan: str | None = None
     exclude: tuple[str, ...] = ()
     save_every: int = 50
-    log_every: int = 1
     resume: bool = False
     overwrite: bool = False
 
@@ -191,13 +145,13 @@ class QATResult:
         return None if self.eval_loss_after is None else math.exp(self.eval_loss_after)
 
 
-def lr_at(step: int, job: QATJob) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``lr`` at the last step."""
-    if job.warmup and step < job.warmup:
-        return job.lr * (step + 1) / job.warmup
-    span = max(1, job.steps - job.warmup)
-    frac = min(1.0, (step - job.warmup) / span)
-    return job.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+def train_config(job: QATJob, n_eval: int) -> TrainConfig:
+    """The training loop's configuration for a QAT job (the loop owns the schedule: warm-up, then cosine
+    decay to ``MIN_LR_RATIO`` of the peak at the last step)."""
+    return TrainConfig(steps=job.steps, batch_size=job.batch_size, seq_len=job.seq_len, lr=job.lr,
+                       min_lr_ratio=MIN_LR_RATIO, warmup=job.warmup, schedule="cosine",
+                       weight_decay=job.weight_decay, beta2=QAT_BETA2, grad_clip=0.0, eval_every=0,
+                       eval_sequences=max(n_eval, 1), ckpt_every=job.save_every, seed=job.seed, autocast="off")
 
 
 def trainable_parameters(model: nn.Module, which: str) -> dict[str, nn.Parameter]:
@@ -242,152 +196,89 @@ def prepare_model(model: nn.Module, job: QATJob, calib: torch.Tensor | None,
     return mods
 
 
-def _state_dir(out: str) -> Path:
+def state_dir(out: str) -> Path:
+    """Where a QAT job keeps its training state: ``OUT.qat/`` beside the output."""
     return Path(str(Path(out)) + ".qat")
 
 
-def _save_training_checkpoint(state_dir: Path, step: int, model: nn.Module, params: dict[str, nn.Parameter],
-                              opt: torch.optim.Optimizer, meta: dict) -> Path:
-    root = state_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    final, tmp = root / name, root / f".{name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors = {k: p.detach().cpu().clone().contiguous() for k, p in params.items()}
-    for mname, m in fake_quant_modules(model).items():
-        tensors[f"{mname}.input_amax"] = m.input_amax.detach().cpu().clone()
-        tensors[f"{mname}.fixed_weight_amax"] = m.fixed_weight_amax.detach().cpu().clone()
-    save_file(tensors, str(tmp / "trainable.safetensors"))
-    by_param = {id(p): k for k, p in params.items()}
-    opt_tensors = {}
-    for p, st in opt.state.items():
-        for key, val in st.items():
-            t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
-            opt_tensors[f"{by_param[id(p)]}/{key}"] = t.detach().cpu().clone().contiguous()
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(dict(meta, step=step), indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = root / f".latest.tmp{os.getpid()}"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, root / "latest")
-    for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _latest_checkpoint(state_dir: Path) -> Path | None:
-    root = state_dir / "checkpoints"
-    pointer = root / "latest"
-    if pointer.is_file():
-        p = root / pointer.read_text().strip()
-        if (p / "state.json").is_file():
-            return p
-    return None
-
-
-def _load_training_checkpoint(path: Path, model: nn.Module, params: dict[str, nn.Parameter],
-                              opt: torch.optim.Optimizer) -> dict:
-    for f in ("trainable.safetensors", "optimizer.safetensors", "state.json"):
-        if not (path / f).is_file():
-            raise FileNotFoundError(f"QAT checkpoint {path}: missing {f}")
-    meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "trainable.safetensors"))
-    fq = fake_quant_modules(model)
-    expected = set(params) | {f"{n}.{b}" for n in fq for b in ("input_amax", "fixed_weight_amax")}
-    if set(tensors) != expected:
-        diff = sorted(set(tensors) ^ expected)[:3]
-        raise ValueError(f"QAT checkpoint {path} does not match this model and job (differs at {diff})")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[k])
-        for n, m in fq.items():
-            m.input_amax.copy_(tensors[f"{n}.input_amax"])
-            m.fixed_weight_amax.copy_(tensors[f"{n}.fixed_weight_amax"])
-    flat = load_file(str(path / "optimizer.safetensors"))
-    for key, t in flat.items():
-        pname, k = key.rsplit("/", 1)
-        if pname not in params:
-            raise ValueError(f"QAT checkpoint {path}: optimizer state for unknown parameter {pname!r}")
-        opt.state[params[pname]][k] = t
-    return meta
-
-
-def _job_signature(job: QATJob) -> dict:
+def job_signature(job: QATJob) -> dict:
+    """The options that must be equal for a run to be resumed."""
     keep = ("model", "data", "distill", "scheme", "lr", "warmup", "weight_decay", "batch_size", "seq_len", "seed",
             "temperature", "ce_weight", "trainable", "weight_amax", "weight_scale", "ptq", "plan", "exclude", "steps")
     d = asdict(job)
     return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
 
 
-def train_qat(model: nn.Module, tokens: torch.Tensor, job: QATJob, teacher: nn.Module | None = None,
-              state_dir: Path | None = None, eval_windows: torch.Tensor | None = None) -> QATResult:
-    """Train a fake-quantized model in place for ``job.steps`` steps (resuming from ``state_dir``)."""
+def qat_objective(job: QATJob, teacher: nn.Module | None):
+    """The training loop's ``loss_fn`` for the job: next-token loss (QAT) or KL to the teacher (QAD)."""
+    loss = QATLoss(job.distill, job.temperature, job.ce_weight)
+    if job.distill and teacher is None:
+        raise ValueError("distillation needs the teacher model")
+
+    def loss_fn(model, batch):
+        t_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = causal_lm_logits(teacher, batch)
+        return loss(causal_lm_logits(model, batch), batch, t_logits), None
+
+    return loss_fn
+
+
+def held_out_loss(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig) -> float | None:
+    """Mean next-token loss (nats) of ``model`` over the held-out windows (None without windows)."""
+    if windows.numel() == 0:
+        return None
+    return evaluate(model, windows, cfg, next(model.parameters()).device)
+
+
+def train_qat(model: nn.Module, windows: torch.Tensor, job: QATJob, teacher: nn.Module | None = None,
+              run_dir: Path | None = None, eval_windows: torch.Tensor | None = None) -> QATResult:
+    """Train a fake-quantized model in place for ``job.steps`` steps on ``windows`` ``[n, seq_len]``
+    with the training loop, keeping its state in ``run_dir`` (resuming from it with ``job.resume``)."""
+    eval_windows = windows.new_zeros((0, job.seq_len)) if eval_windows is None else eval_windows
+    cfg = train_config(job, eval_windows.shape[0])
     params = trainable_parameters(model, job.trainable)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(list(params.values()), lr=job.lr, weight_decay=job.weight_decay)
-    loss_fn = QATLoss(job.distill, job.temperature, job.ce_weight)
-    if job.distill and teacher is None:
-        raise ValueError("distillation needs the teacher model")
-    start, metrics_path = 0, None
-    first = last = None
-    if state_dir is not None:
-        metrics_path = state_dir / "metrics.jsonl"
-        ckpt = _latest_checkpoint(state_dir) if job.resume else None
-        if ckpt is not None:
-            meta = _load_training_checkpoint(ckpt, model, params, opt)
-            if meta.get("job") != _job_signature(job):
-                raise ValueError(f"--resume: the checkpoint {ckpt} was written by a different job configuration")
-            start, first, last = int(meta["step"]), meta.get("loss_first"), meta.get("loss_last")
-            progress.log(f"resumed from {ckpt} (step {start})")
-        elif state_dir.exists() and any(state_dir.iterdir()):
+    own_dir = run_dir is None  # no place for the state: a temporary one, removed afterwards
+    run_dir = Path(tempfile.mkdtemp(prefix="nvfp4kit-qat-")) if own_dir else Path(run_dir)
+    try:
+        resuming = job.resume and checkpointing.latest_checkpoint(run_dir) is not None
+        if not resuming and run_dir.exists() and any(run_dir.iterdir()):
             if not job.overwrite:
-                raise FileExistsError(f"{state_dir} holds an earlier QAT run: pass --resume to continue it "
+                raise FileExistsError(f"{run_dir} holds an earlier QAT run: pass --resume to continue it "
                                       "or --overwrite to start again")
-            shutil.rmtree(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
-    eval_before = mean_loss(model, eval_windows) if eval_windows is not None and eval_windows.numel() and start == 0 \
-        else None
-    t0 = time.perf_counter()
-    model.train()
-    with progress.task("qad" if job.distill else "qat", total=job.steps) as task:
-        task.advance(start)
-        for step in range(start, job.steps):
-            ids = window(tokens, job.seq_len, job.batch_size, job.seed, step)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, job)
-            t_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = model_logits(teacher, ids)
-            loss = loss_fn(model_logits(model, ids), ids, t_logits)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"QAT step {step}: the loss is {float(loss)}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            last = float(loss.detach())
-            first = last if first is None else first
-            task.advance(1, loss=last, lr=opt.param_groups[0]["lr"])
-            if metrics_path is not None and (step % job.log_every == 0 or step + 1 == job.steps):
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step + 1, "loss": last, "lr": opt.param_groups[0]["lr"],
-                                        "tokens": (step + 1) * job.batch_size * job.seq_len}) + "\n")
-            done = step + 1
-            if state_dir is not None and job.save_every and (done % job.save_every == 0 or done == job.steps):
-                _save_training_checkpoint(state_dir, done, model, params, opt,
-                                          {"job": _job_signature(job), "loss_first": first, "loss_last": last})
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        eval_before = None if resuming else held_out_loss(model, eval_windows, cfg)
+        t0 = time.perf_counter()
+        rows: list[dict] = []
+        if job.steps:
+            optimizer = make_optimizer(model, cfg)
+            loader = PackedLoader(windows, job.batch_size, seed=job.seed)
+            train(model, optimizer, loader, eval_windows if eval_windows.numel() else None, cfg, run_dir,
+                  resume=job.resume, loss_fn=qat_objective(job, teacher),
+                  run_info={"title": f"{'QAD' if job.distill else 'QAT'} {job.scheme}",
+                            "signature": job_signature(job)})
+            rows = _metric_rows(run_dir)
+    finally:
+        if own_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
     model.eval()
     for p in params.values():
         p.grad = None
-    eval_after = mean_loss(model, eval_windows) if eval_windows is not None and eval_windows.numel() else None
-    return QATResult(None, job.steps, job.steps * job.batch_size * job.seq_len, first, last, eval_before, eval_after,
+    eval_after = held_out_loss(model, eval_windows, cfg)
+    return QATResult(None, job.steps, job.steps * job.batch_size * job.seq_len,
+                     rows[0]["loss"] if rows else None, rows[-1]["loss"] if rows else None, eval_before, eval_after,
                      {"train": time.perf_counter() - t0})
+
+
+def _metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
 def run_qat(job: QATJob) -> QATResult:
@@ -399,12 +290,13 @@ def run_qat(job: QATJob) -> QATResult:
     out = Path(job.out)
     prepare_output_dir(out, job.overwrite)
     with progress.task("loading model", total=1) as t:
-        model, tok = load_model_and_tokenizer(job.model)
+        model, tok = load_causal_lm(job.model)
         t.advance(1)
     tokens = tokenize(tok, load_text(job.data, "calib"))
     train_tokens, eval_windows = split_tokens(tokens, job.eval_tokens, job.seq_len)
-    n_cal = min(job.calib_samples, train_tokens.numel() // job.seq_len)
-    calib = train_tokens[: n_cal * job.seq_len].reshape(n_cal, job.seq_len) if n_cal else None
+    windows = training_windows(train_tokens, job.seq_len)
+    n_cal = min(job.calib_samples, windows.shape[0])
+    calib = windows[:n_cal] if n_cal else None
     teacher = frozen_teacher(model) if job.distill else None
     ptq = None
     if job.ptq:
@@ -417,8 +309,7 @@ def run_qat(job: QATJob) -> QATResult:
         counts[m.format] = counts.get(m.format, 0) + 1
     progress.log(f"fake-quantized {len(mods)} Linears ({', '.join(f'{v} {k}' for k, v in counts.items())}), "
                  f"scheme {job.scheme}, weight amax {job.weight_amax}, activation amax static (calibrated)")
-    state_dir = _state_dir(job.out)
-    result = train_qat(model, train_tokens, job, teacher, state_dir, eval_windows)
+    result = train_qat(model, windows, job, teacher, state_dir(job.out), eval_windows)
     qmodel = export_quantized_model(model)
     staging = Path(tempfile.mkdtemp(prefix="nvfp4kit-src-"))
     t0 = time.perf_counter()
@@ -435,12 +326,8 @@ def run_qat(job: QATJob) -> QATResult:
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds["write"] = time.perf_counter() - t0
     result.seconds["total"] = time.perf_counter() - t_start
-    summary = {"steps": result.steps, "tokens_trained": result.tokens_trained, "loss_first": result.loss_first,
-               "loss_last": result.loss_last, "eval_loss_before": result.eval_loss_before,
-               "eval_loss_after": result.eval_loss_after, "seconds": result.seconds, "job": _job_signature(job)}
-    (state_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return result
 
 
-__all__ = ["QATJob", "QATResult", "load_model_and_tokenizer", "lr_at", "mean_loss", "perplexity", "prepare_model",
-           "run_qat", "split_tokens", "train_qat", "trainable_parameters", "window"]
+__all__ = ["QATJob", "QATResult", "held_out_loss", "job_signature", "prepare_model", "qat_objective", "run_qat",
+           "split_tokens", "state_dir", "train_config", "train_qat", "trainable_parameters", "training_windows"]

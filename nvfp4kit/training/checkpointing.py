@@ -40,10 +40,21 @@ def _options(**kw):
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model state on CPU; tensors tied to an earlier one (a shared embedding and head) are
+    copied, as safetensors stores no shared memory."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     sd = get_model_state_dict(model, options=_options())
-    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    out, seen = {}, set()
+    for k, v in sd.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[k] = t
+    return out
 
 
 def full_optimizer_state(model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -178,6 +189,11 @@ def latest_checkpoint(out_dir) -> Path | None:
     return done[-1] if done else None
 
 
+def read_state(path) -> dict:
+    """The ``state.json`` of a checkpoint directory (step, data position, run configuration)."""
+    return json.loads((Path(path) / "state.json").read_text())
+
+
 def load_checkpoint(path, model, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Load model and optimizer state from ``path`` (every rank); returns (state.json, rng states)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -186,7 +202,7 @@ def load_checkpoint(path, model, optimizer) -> tuple[dict, dict[str, torch.Tenso
     for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
         if not (path / f).is_file():
             raise FileNotFoundError(f"checkpoint {path}: missing {f} (an incomplete or foreign directory)")
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     model_sd = load_file(str(path / "model.safetensors"))
     own = {k for k in full_model_state_keys(model)}
     missing, unexpected = own - set(model_sd), set(model_sd) - own

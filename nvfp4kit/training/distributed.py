@@ -86,21 +86,18 @@ def wrap_data_parallel(model: torch.nn.Module, info: DistInfo, strategy: str = "
     return DDP(model, find_unused_parameters=True)
 
 
-# Linears whose calls depend on the data (a routed expert may receive no token on one rank and some
-# on another): they cannot join a collective, so they keep a per-rank amax.
-DATA_DEPENDENT_LINEARS = r"\.experts\.\d+\."
-
-
 def exclude_data_dependent_linears(model: torch.nn.Module) -> list[str]:
-    """Switch the amax reduction off for routed experts; returns their names."""
-    import re
+    """Switch the amax reduction off for routed experts (:func:`nvfp4kit.policy.is_expert`): whether
+    one runs on a rank depends on the routing of that rank's tokens, so it cannot join a collective
+    and keeps a per-rank amax. Returns their names."""
     from dataclasses import replace
 
+    from ..policy import is_expert
     from .linear import iter_linears
 
     names = []
     for name, mod in iter_linears(model):
-        if re.search(DATA_DEPENDENT_LINEARS, name + ".") and mod.precision.amax_reduction:
+        if is_expert(name) and mod.precision.amax_reduction:
             mod.precision = replace(mod.precision, amax_reduction=False)
             names.append(name)
     return names

@@ -135,6 +135,12 @@ def _loss_of(out):
     return out.loss, main
 
 
+def model_loss(model: torch.nn.Module, batch: torch.Tensor):
+    """The default training objective: the model's own loss for ``labels=batch`` (for the Nemotron 3
+    model the main next-token loss plus its MTP losses). Returns ``(loss, main loss or None)``."""
+    return _loss_of(model(batch, labels=batch))
+
+
 @torch.no_grad()
 def evaluate(model, val: torch.Tensor, cfg: TrainConfig, device, rank: int = 0, world: int = 1) -> float | None:
     """Mean main-token loss over the first ``eval_sequences`` held-out sequences (all ranks together)."""
@@ -220,9 +226,12 @@ def plot_loss(rows: list[dict], path: Path, title: str = "training loss") -> Non
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: PackedLoader, val: torch.Tensor | None,
           cfg: TrainConfig, out_dir, *, resume: bool = True, run_info: dict | None = None,
-          stop_after: int | None = None, device=None) -> dict:
+          stop_after: int | None = None, device=None, loss_fn=model_loss) -> dict:
     """Train for ``cfg.steps`` steps (continuing from the latest checkpoint in ``out_dir`` when
     ``resume``). ``stop_after``: end after that many steps (and checkpoint), as an interrupted run.
+    ``loss_fn(model, batch) -> (loss, main loss or None)``: the objective (default :func:`model_loss`;
+    QAT/QAD pass theirs). ``run_info["signature"]``, when given, must equal the resumed checkpoint's:
+    a run is never continued under a different configuration.
 
     Returns the summary written to ``metrics.json``."""
     cfg.validate()
@@ -236,6 +245,10 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Pack
     if resume:
         ckpt = checkpointing.latest_checkpoint(out_dir)
         if ckpt is not None:
+            wanted = (run_info or {}).get("signature")
+            if wanted is not None and checkpointing.read_state(ckpt).get("run", {}).get("signature") != wanted:
+                raise ValueError(f"resume: the checkpoint {ckpt} was written by a different run configuration; "
+                                 "start a new run elsewhere (or remove the old one)")
             state, rng = checkpointing.load_checkpoint(ckpt, model, optimizer)
             loader.load_state(state["data"])
             if not checkpointing.restore_rng_states(rng):
@@ -273,8 +286,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Pack
                 g["lr"] = lr
             batch = loader.next().to(device)
             with autocast_context(cfg.autocast, device):
-                out = model(batch, labels=batch)
-            loss, main = _loss_of(out)
+                loss, main = loss_fn(model, batch)
             loss.backward()
             if cfg.grad_clip and cfg.grad_clip > 0:
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

