@@ -66,7 +66,7 @@ CHILD = textwrap.dedent(
         for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
             sd.update(load_file(f))
         reader = CheckpointReader(src)
-        todo, _ = plan_linears(reader)
+        todo = plan_linears(reader).quantized()
         groups = {m: g for g in fused_groups(todo) for m in g}
         qm = QuantizedModel(config=json.load(open(os.path.join(src, "config.json"))), source_dir=src,
                             exclude_modules=["lm_head", "*embed*"])

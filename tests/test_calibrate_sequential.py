@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from nvfp4kit.calibrate.sequential import block_members, repeated_blocks, sequential_quantize
 from nvfp4kit.checkpoint.types import QuantizedModel

@@ -24,8 +24,6 @@ from nvfp4kit.checkpoint import (
 from nvfp4kit.formats.nvfp4 import quantize_parts
 from nvfp4kit.policy import fused_groups
 
-import compressed_tensors  # noqa: F401  (a test dependency: an independent reader)
-import transformers
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 

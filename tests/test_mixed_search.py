@@ -24,7 +24,6 @@ from nvfp4kit.calibrate.mixed import (
 from nvfp4kit.calibrate.qat import prepare_qat
 from nvfp4kit.losses import distillation_loss
 
-import transformers  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- bits

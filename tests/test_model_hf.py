@@ -16,7 +16,6 @@ Where they differ (transformers 5.17, pure-torch path):
 import pytest
 import torch
 
-import transformers  # noqa: E402,F401
 
 from nvfp4kit.model import build_model, save_pretrained  # noqa: E402
 

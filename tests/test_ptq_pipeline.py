@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import nvfp4kit
 from nvfp4kit.checkpoint.layout import exact_input_amax

@@ -7,21 +7,12 @@ import torch
 import torch.nn as nn
 
 import nvfp4kit
-from nvfp4kit.calibrate.qat import (
-    FakeQuantLinear,
-    QATLoss,
-    calibrate_input_amax,
-    export_quantized_model,
-    fake_quant_modules,
-    frozen_teacher,
-    prepare_qat,
-    strip_qat,
-)
+from nvfp4kit.calibrate.qat import (FakeQuantLinear, QATLoss, calibrate_input_amax, export_quantized_model,
+                                    fake_quant_modules, frozen_teacher, prepare_qat, strip_qat)
 from nvfp4kit.losses import distillation_loss, next_token_loss
 from nvfp4kit.policy import fused_partition
 from nvfp4kit.formats.nvfp4 import dequantize_parts
 
-import transformers  # noqa: E402
 
 
 def batches(n=2, seed=1, b=2, t=24, vocab=96):

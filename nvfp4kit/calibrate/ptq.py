@@ -39,7 +39,7 @@ from ..checkpoint.layout import FP8_RANGE, NVFP4_ACT_RANGE, exact_input_amax
 from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
 from ..formats.fp8 import fp8_quantize
 from ..formats.scales import tensor_amax
-from ..policy import HIGH_PRECISION, PrecisionPlan, fused_groups, plan_precision
+from ..policy import PrecisionPlan, fused_groups, plan_precision
 from .emulation import apply_quantized
 from .kv_cache import check_kv_cache_format, observe_kv_cache
 from .moe import unfuse_experts
@@ -189,8 +189,9 @@ def quantize_linears(model: nn.Module, plan: PrecisionPlan, stats: dict[str, Lin
     return records
 
 
-def other_tensors(model: nn.Module, quantized) -> dict[str, torch.Tensor]:
-    """Every state tensor outside the quantized Linears; a tensor tied to an earlier one is kept once."""
+def other_tensors(model: nn.Module, quantized, copy: bool = False) -> dict[str, torch.Tensor]:
+    """Every state tensor outside the ``quantized`` modules (by name); a tensor tied to an earlier one
+    (a head sharing the embedding) is kept once. ``copy``: detached copies instead of views."""
     quantized = set(quantized)
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int, tuple]] = set()
@@ -202,7 +203,7 @@ def other_tensors(model: nn.Module, quantized) -> dict[str, torch.Tensor]:
         if t.numel() and key in seen:
             continue
         seen.add(key)
-        out[name] = t.detach()
+        out[name] = t.detach().clone() if copy else t.detach()
     return out
 
 

@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 
 from ..pipelines.demo import DemoJob
+from . import options
 from .app import app
 
 D = DemoJob()
@@ -14,11 +15,11 @@ D = DemoJob()
 @app.command("demo")
 def demo_cmd(
     out: str = typer.Option(D.out, "--out", help="where the checkpoint is written"),
-    scheme: str = typer.Option(D.scheme, "--scheme", help="w4a4 | w4a16"),
-    weight_scale: str = typer.Option(D.weight_scale, "--weight-scale", help="max | mse | 4over6 | gptq"),
-    format: str = typer.Option(D.format, "--format", help="modelopt | compressed-tensors"),
-    calib_samples: int = typer.Option(D.calib_samples, "--calib-samples", help="calibration samples (built-in text)"),
-    seq_len: int = typer.Option(D.seq_len, "--seq-len", help="tokens per calibration sample"),
+    scheme: str = options.scheme(D.scheme, "w4a4 | w4a16"),
+    weight_scale: str = options.weight_scale(D.weight_scale),
+    format: str = options.checkpoint_format(D.format),
+    calib_samples: int = options.calib_samples(D.calib_samples, "calibration samples (built-in text)"),
+    seq_len: int = options.seq_len(D.seq_len),
     eval_tokens: int = typer.Option(D.eval_tokens, "--eval-tokens", help="held-out tokens for perplexity"),
 ) -> None:
     """Quantize the embedded SmolLM2-135M with built-in calibration text, write the checkpoint, reload it,

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..pipelines.qat import QATJob
+from . import options
 from .app import app
 
 D = QATJob()
@@ -23,12 +24,12 @@ def qat_cmd(
     steps: int = typer.Option(D.steps, "--steps", help="optimizer steps"),
     out: str = typer.Option(..., "--out", "-o", help="output checkpoint folder (training state goes to OUT.qat/)"),
     distill: bool = typer.Option(False, "--distill", help="QAD: KL to the frozen full-precision model's logits"),
-    scheme: str = typer.Option(D.scheme, "--scheme", help="w4a4 (NVFP4 weights and activations) or w4a16"),
-    fmt: str = typer.Option(D.format, "--format", help="modelopt or compressed-tensors"),
+    scheme: str = options.scheme(D.scheme, "w4a4 (NVFP4 weights and activations) or w4a16"),
+    fmt: str = options.checkpoint_format(D.format),
     lr: float = typer.Option(D.lr, "--lr", help="peak learning rate (AdamW; warm-up then cosine to 10%)"),
     warmup: int = typer.Option(D.warmup, "--warmup", help="warm-up steps"),
     batch_size: int = typer.Option(D.batch_size, "--batch-size", help="sequences per step"),
-    seq_len: int = typer.Option(D.seq_len, "--seq-len", help="tokens per sequence"),
+    seq_len: int = options.seq_len(D.seq_len, "tokens per sequence"),
     seed: int = typer.Option(D.seed, "--seed", help="data-order seed"),
     temperature: float = typer.Option(D.temperature, "--temperature", help="distillation temperature"),
     ce_weight: float = typer.Option(D.ce_weight, "--ce-weight", help="with --distill: add this times the next-token loss"),
@@ -36,8 +37,8 @@ def qat_cmd(
                                   help="quantized (the fake-quantized Linears) or all parameters"),
     weight_amax: str = typer.Option(D.weight_amax, "--weight-amax",
                                     help="weight global amax: dynamic (recomputed) or fixed (initial/PTQ value)"),
-    weight_scale: str = typer.Option(D.weight_scale, "--weight-scale", help="weight block scales: max, mse or 4over6"),
-    calib_samples: int = typer.Option(D.calib_samples, "--calib-samples", help="calibration sequences for the activation amax"),
+    weight_scale: str = options.weight_scale(D.weight_scale, "max | mse | 4over6"),
+    calib_samples: int = options.calib_samples(D.calib_samples, "calibration sequences for the activation amax"),
     eval_tokens: int = typer.Option(D.eval_tokens, "--eval-tokens", help="held-out tokens (end of the data) for perplexity"),
     ptq: Optional[str] = typer.Option(None, "--ptq", help="initialise formats and activation scales from this PTQ checkpoint"),
     weights_from_ptq: bool = typer.Option(False, "--weights-from-ptq", help="with --ptq: start from its dequantized weights"),

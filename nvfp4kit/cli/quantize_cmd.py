@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from ..pipelines.quantize import QuantizeJob
+from . import options
 from .app import app
 
 D = QuantizeJob()
@@ -18,13 +19,13 @@ def quantize_cmd(
     model: Optional[str] = typer.Option(
         None, "--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"),
     out: str = typer.Option(..., "--out", help="output checkpoint folder (written atomically)"),
-    format: str = typer.Option(D.format, "--format", help="modelopt | compressed-tensors"),
-    scheme: str = typer.Option(D.scheme, "--scheme", help="w4a4 | w4a16 | fp8 | mixed"),
-    weight_scale: str = typer.Option(D.weight_scale, "--weight-scale", help="max | mse | 4over6 | gptq"),
+    format: str = options.checkpoint_format(D.format),
+    scheme: str = options.scheme(D.scheme, "w4a4 | w4a16 | fp8 | mixed"),
+    weight_scale: str = options.weight_scale(D.weight_scale),
     calib: Optional[str] = typer.Option(
         None, "--calib", help="calibration text: .txt/.jsonl/.json/.parquet/.csv file or folder (default: built-in)"),
-    calib_samples: int = typer.Option(D.calib_samples, "--calib-samples", help="number of calibration samples"),
-    seq_len: int = typer.Option(D.seq_len, "--seq-len", help="tokens per calibration sample"),
+    calib_samples: int = options.calib_samples(D.calib_samples, "number of calibration samples"),
+    seq_len: int = options.seq_len(D.seq_len),
     exclude: Optional[List[str]] = typer.Option(
         None, "--exclude", help="fnmatch pattern of modules kept in high precision (repeatable)"),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="precision preset, e.g. nemotron3-super"),

@@ -7,6 +7,7 @@ from typing import Iterable
 import torch.nn as nn
 
 from ...checkpoint.types import QuantizedModel
+from ..ptq import config_dict, other_tensors
 from .prepare import fake_quant_modules
 
 
@@ -23,24 +24,9 @@ def export_quantized_model(
     if not mods:
         raise ValueError("export_quantized_model: the model has no FakeQuantLinear modules")
     linears = {name: m.to_record() for name, m in mods.items()}
-    owned = set()
-    for name in mods:
-        owned.update({f"{name}.weight", f"{name}.bias", f"{name}.input_amax", f"{name}.fixed_weight_amax"})
-    tensors: dict[str, torch.Tensor] = {}
-    seen_ptrs: dict[tuple, str] = {}
-    for key, t in model.state_dict(keep_vars=False).items():
-        if key in owned:
-            continue
-        ptr = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
-        if ptr is not None and ptr in seen_ptrs:
-            continue  # a tied weight (e.g. lm_head sharing the embedding)
-        if ptr is not None:
-            seen_ptrs[ptr] = key
-        tensors[key] = t.detach().clone()
-    if config is None:
-        cfg = getattr(model, "config", None)
-        config = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
-    config = {k: v for k, v in dict(config).items() if k != "quantization_config"}
+    tensors = other_tensors(model, mods, copy=True)
+    config = config_dict(model) if config is None else {k: v for k, v in dict(config).items()
+                                                          if k != "quantization_config"}
     plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in mods]
     kept_high = [n for n, m in mods.items() if m.format == "bf16"]
     exclude = sorted(set(plain) | set(kept_high) | set(extra_exclude))
