@@ -20,6 +20,7 @@ ALLOWED = {
     "progress": set(),
     "losses": set(),
     "version": set(),
+    "devices": set(),
     "kernels": {"formats", "progress"},
     "api": {"formats", "kernels"},
     "training": {"formats", "kernels", "policy", "progress"},
@@ -27,8 +28,8 @@ ALLOWED = {
     "model": {"training", "checkpoint", "losses", "progress"},
     "calibrate": {"formats", "kernels", "policy", "progress", "losses", "checkpoint"},
     "evaluate": {"checkpoint", "losses", "progress"},
-    "pipelines": {"api", "calibrate", "checkpoint", "evaluate", "formats", "losses", "model", "policy", "progress",
-                  "training"},
+    "pipelines": {"api", "calibrate", "checkpoint", "devices", "evaluate", "formats", "losses", "model", "policy",
+                  "progress", "training"},
     "cli": {"pipelines", "checkpoint", "evaluate", "model", "training", "progress"},
     "__init__": {"api", "checkpoint", "formats", "version"},
 }

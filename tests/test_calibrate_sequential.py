@@ -1,4 +1,5 @@
-"""Sequential (block-by-block) calibration: blocks, early stop, equality with a manual composition."""
+"""Block-by-block calibration: the block structure, the engine's passes, equality with one-shot and with
+a manual composition, the output head never computed."""
 
 import copy
 
@@ -7,10 +8,12 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from nvfp4kit.calibrate.sequential import block_members, repeated_blocks, sequential_quantize
-from nvfp4kit.checkpoint.types import QuantizedModel
+from nvfp4kit.calibrate import blockwise
+from nvfp4kit.calibrate.blockwise import quantize_by_block
 from nvfp4kit.calibrate.emulation import EmulatedLinear, apply_quantized
-from nvfp4kit.calibrate.ptq import quantize_model
+from nvfp4kit.calibrate.ptq import plan_model, quantize_model
+from nvfp4kit.calibrate.sequential import block_layout, block_members, repeated_blocks
+from nvfp4kit.checkpoint.types import QuantizedModel
 
 
 def samples(n=4, length=24, seed=1):
@@ -61,7 +64,20 @@ def test_sequential_equals_one_shot_on_the_partially_quantized_model(tiny_llama,
     assert any(not same_record(seq.linears[n], oneshot.linears[n]) for n in seq.linears if layer(n) == 2)
 
 
-def test_model_is_left_unchanged_even_when_a_step_fails(tiny_llama):
+def test_block_layout(tiny_llama):
+    m = tiny_llama(layers=3, tie=True)
+    lay = block_layout(m)
+    assert lay.name == "model.layers" and len(lay) == 3
+    assert lay.before == ["model.embed_tokens"] and lay.after == ["model.norm", "model.rotary_emb", "lm_head"]
+    assert lay.unit_of("model.layers.2.mlp.up_proj.weight") == (3, "model.layers.2")
+    assert lay.unit_of("model.embed_tokens.weight") == (0, "model.embed_tokens")
+    assert lay.unit_of("lm_head.weight") == (4, "lm_head")
+    assert lay.order(["lm_head.weight", "model.layers.1.x", "model.embed_tokens.weight", "model.layers.0.y"]) == [
+        "model.embed_tokens.weight", "model.layers.0.y", "model.layers.1.x", "lm_head.weight"]
+    assert block_layout(nn.Sequential(nn.Linear(4, 4))) is None
+
+
+def test_model_is_left_unchanged_even_when_a_step_fails(tiny_llama, monkeypatch):
     m = tiny_llama(layers=3)
     ref = copy.deepcopy(m)
     x = samples()
@@ -69,62 +85,66 @@ def test_model_is_left_unchanged_even_when_a_step_fails(tiny_llama):
     assert all(type(mod) is not EmulatedLinear for mod in m.modules())
     for (n, p), (_, q) in zip(m.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(p, q), n
-    names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
     calls = []
+    real = blockwise.quantize_linears
 
-    def calibrate_names(step, fwd):
-        for b in x.split(2):
-            fwd(m, b)
-        return {}
-
-    def quantize_names(step, stats):
-        calls.append(step)
+    def failing(*a, **k):
+        calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return {n: object() for n in step}
+        return real(*a, **k)
 
-    def emulate(records):
-        originals = {}
-        for n in records:
-            parent, _, attr = n.rpartition(".")
-            originals[n] = getattr(m.get_submodule(parent), attr)
-            setattr(m.get_submodule(parent), attr, nn.Identity())
-        return originals
-
+    monkeypatch.setattr(blockwise, "quantize_linears", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        sequential_quantize(m, names, calibrate_names, quantize_names, emulate)
-    assert all(type(mod) is not nn.Identity for mod in m.modules())
-    assert isinstance(m.model.layers[0].self_attn.q_proj, nn.Linear)
+        quantize_by_block(m, x, plan_model(m, "w4a4"), "max")
+    assert all(type(mod) not in (EmulatedLinear, blockwise._Stand) for mod in m.modules())
+    assert all(type(b).__name__ == "LlamaDecoderLayer" for b in m.model.layers)
+    for (n, p), (_, q) in zip(m.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(p, q), n
 
 
-def test_each_pass_stops_after_its_block(tiny_llama):
+@pytest.mark.parametrize("sequential", [True, False])
+def test_each_block_runs_on_cached_inputs_and_the_head_never_runs(tiny_llama, sequential):
+    m = tiny_llama(layers=3)
+    x = samples()  # 4 batches of one sample
+    runs = {i: 0 for i in range(3)}
+    handles = [blk.register_forward_pre_hook(lambda mod, a, i=i: runs.__setitem__(i, runs[i] + 1))
+               for i, blk in enumerate(m.model.layers)]
+    head = []
+    handles.append(m.lm_head.register_forward_pre_hook(lambda mod, a: head.append(1)))
+    handles.append(m.model.norm.register_forward_pre_hook(lambda mod, a: head.append(1)))
+    try:
+        quantize_model(m, x, "w4a4", "max", sequential=sequential)
+        # each block: one observed pass per batch (+ one emulated pass that makes the next block's inputs,
+        # for every block but the last); the blocks before it are never run again
+        assert runs == ({0: 8, 1: 8, 2: 4} if sequential else {0: 4, 1: 4, 2: 4})
+        assert head == []  # calibration never computes the final norm or the output head
+        runs.update({i: 0 for i in range(3)})
+        quantize_model(m, None, "w4a16", "max")  # nothing to observe: no pass at all
+        assert runs == {0: 0, 1: 0, 2: 0}
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("method", ["max", "gptq"])
+def test_one_shot_by_block_equals_the_whole_model_pass(tiny_llama, method):
     m = tiny_llama(layers=3)
     x = samples()
-    names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
-    reached = []
-    handles = [blk.register_forward_pre_hook(lambda mod, a, i=i: reached.append(i))
-               for i, blk in enumerate(m.model.layers)]
-    seen = []
-
-    def calibrate_names(step, fwd):
-        reached.clear()
-        fwd(m, x[:1])
-        seen.append(sorted(set(reached)))
-        return {}
-
-    sequential_quantize(m, names, calibrate_names, lambda step, stats: {}, lambda records: {})
-    for h in handles:
-        h.remove()
-    assert seen == [[0], [0, 1], [0, 1, 2]]
+    whole = quantize_model(m, x, "w4a4", method)
+    by_block = quantize_by_block(m, x, plan_model(m, "w4a4"), method, sequential=False)
+    assert set(by_block.records) == set(whole.qmodel.linears)
+    for n, r in whole.qmodel.linears.items():
+        assert same_record(by_block.records[n], r), n
 
 
 def test_sequential_errors(tiny_llama):
     m = tiny_llama(layers=3)
     with pytest.raises(ValueError, match="needs samples"):
         quantize_model(m, None, "w4a4", "gptq", sequential=True)
-    flat = nn.Sequential(nn.Linear(16, 16))
+    flat = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
     with pytest.raises(ValueError, match="repeated blocks"):
-        sequential_quantize(flat, ["0"], lambda *a: {}, lambda *a: {}, lambda r: {})
+        quantize_by_block(flat, samples(), plan_model(flat, "w4a4", exclude=()), "max")
 
 
 def test_sequential_with_kv_cache_scales_every_attention(tiny_llama):

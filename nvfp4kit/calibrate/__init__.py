@@ -1,12 +1,14 @@
 """Calibration and post-training quantization: the algorithms, independent of any command or file.
 
-* :mod:`.ptq` - the PTQ engine: :func:`plan_model` -> :func:`calibrate_model` -> :func:`quantize_linears`,
-  composed by :func:`quantize_model` (one-shot or block by block);
+* :mod:`.ptq` - the PTQ lifecycle: :func:`plan_model` -> :func:`calibrate_model` -> :func:`quantize_linears`
+  (:mod:`.records`), composed by :func:`quantize_model` (one-shot, or block by block);
+* :mod:`.blockwise` - the block-by-block engine (in memory, or from disk with a memory peak of one block);
 * :mod:`.data` - calibration / evaluation text and token samples;
 * :mod:`.observers` - input amax and GPTQ Hessians per Linear (every MoE expert on every token);
 * :mod:`.kv_cache` - the post-RoPE key/value amax of every attention (static FP8 KV cache);
 * :mod:`.weight_scales` - how a weight becomes NVFP4: ``max``, ``mse``, ``4over6``, ``gptq``;
-* :mod:`.sequential` - block-by-block calibration; :mod:`.emulation` - Linears computing with records;
+* :mod:`.sequential` - a model's block structure; :mod:`.activations` - activations between blocks;
+* :mod:`.emulation` - Linears computing with records;
 * :mod:`.mixed` - the mixed-precision search under a bits budget; :mod:`.qat` - QAT / QAD;
 * :mod:`.moe` (fused experts split into Linears), :mod:`.surgery` (module swaps).
 
@@ -19,17 +21,9 @@ from .kv_cache import KV_CACHE_FORMATS, attention_modules, kv_hooks, observe_kv_
 from .mixed import MixedPrecisionPlan, estimate_sensitivity, ptq_precision_plan, search_mixed_precision
 from .moe import unfuse_experts
 from .observers import Calibrator, LinearStats, calibrate
-from .ptq import (
-    DEFAULT_SCHEME,
-    QuantizeResult,
-    calibrate_model,
-    needed_statistics,
-    plan_model,
-    quantize_linears,
-    quantize_model,
-    quantized_model,
-)
-from .sequential import sequential_quantize
+from .blockwise import quantize_by_block
+from .ptq import DEFAULT_SCHEME, QuantizeResult, calibrate_model, plan_model, quantize_model
+from .records import needed_statistics, quantize_linears, quantized_model
 from .weight_scales import DEFAULT_WEIGHT_SCALE, WEIGHT_SCALE_METHODS, nvfp4_weight_parts
 
 __all__ = [
@@ -58,10 +52,10 @@ __all__ = [
     "plan_model",
     "ptq_precision_plan",
     "quantize_linears",
+    "quantize_by_block",
     "quantize_model",
     "quantized_model",
     "search_mixed_precision",
-    "sequential_quantize",
     "token_samples",
     "tokenize",
     "unfuse_experts",

@@ -15,6 +15,7 @@ is unchanged.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from .. import progress
 from ..formats.scales import tensor_amax
 from ..losses import run_causal_lm
 from .moe import expert_lists
+from .sequential import StopForward, block_layout
 
 
 @dataclass
@@ -154,6 +156,17 @@ class Calibrator:
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
+    def observe(self, fn, *args, **kwargs):
+        """One observed call: ``fn(*args, **kwargs)`` (a forward of the model, or of a part of it,
+        on one batch), its inputs forgotten afterwards; returns what ``fn`` returns."""
+        try:
+            return fn(*args, **kwargs)
+        except StopForward:  # the pass ended early on purpose (see stop_after_blocks)
+            return None
+        finally:
+            self._batch_inputs.clear()
+
+    @torch.no_grad()
     def run(self, samples: torch.Tensor, batch_size: int = 1, forward=None) -> None:
         """Run ``samples`` ``[n, L]`` token ids through the model in batches (observers record)."""
         forward = forward or run_causal_lm
@@ -162,20 +175,25 @@ class Calibrator:
         with progress.task("calibrating", total=n) as t:
             for i in range(0, n, batch_size):
                 batch = samples[i:i + batch_size]
-                forward(self.model, batch)
-                self._batch_inputs.clear()
+                self.observe(forward, self.model, batch)
                 t.advance(batch.shape[0])
 
     def stats(self) -> dict[str, LinearStats]:
-        """Statistics of every observed Linear (a Linear that saw no input gets amax 0 and 0 tokens)."""
+        """Statistics of every observed Linear (a Linear that saw no input gets amax 0 and 0 tokens;
+        with a Hessian requested, a zero one, so data-parallel ranks reduce the same tensors)."""
         out = {}
+        modules = dict(self.model.named_modules())
         for n in self.names:
             amax = self._amax.get(n)
             key = self._hessian_key.get(n)
+            h = self._hessians.get(key) if key is not None else None
+            if h is None and n in self.hessian_for:
+                w = modules[n].weight
+                h = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float32, device=w.device)
             out[n] = LinearStats(
                 input_amax=float(amax) if amax is not None else 0.0,
                 n_tokens=self._tokens.get(n, 0),
-                hessian=self._hessians.get(key) if key is not None else None,
+                hessian=h,
             )
         return out
 
@@ -189,6 +207,52 @@ class Calibrator:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+@contextmanager
+def stop_after_blocks(model: nn.Module, observed):
+    """While active, a forward of ``model`` stops after its last repeated block, unless one of the
+    ``observed`` Linears comes after the blocks: calibration never computes the output head (or a
+    final norm) that no statistic needs. The calibrator ends such a pass quietly."""
+    layout = block_layout(model)
+    after = 1 + len(layout) if layout is not None else None
+    if layout is None or any(layout.unit_of(n)[0] == after for n in observed):
+        yield
+        return
+
+    def stop(module, args, output):
+        raise StopForward()
+
+    handle = layout.blocks[len(layout) - 1].register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def reduce_statistics(stats: dict[str, LinearStats], group=None) -> dict[str, LinearStats]:
+    """Combine the statistics of data-parallel ranks in place (every rank saw its own slice of the
+    calibration samples): input amax MAX-reduced, token counts and Hessians SUM-reduced (a Hessian
+    that Linears share, e.g. q/k/v, once). A no-op outside ``torch.distributed``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not stats:
+        return stats
+    names = sorted(stats)
+    ref = next((s.hessian for s in stats.values() if s.hessian is not None), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    amax = torch.tensor([stats[n].input_amax for n in names], dtype=torch.float32, device=device)
+    tokens = torch.tensor([stats[n].n_tokens for n in names], dtype=torch.float64, device=device)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
+    done: set[int] = set()
+    for i, n in enumerate(names):
+        s = stats[n]
+        s.input_amax, s.n_tokens = float(amax[i]), int(tokens[i])
+        if s.hessian is not None and id(s.hessian) not in done:
+            dist.all_reduce(s.hessian, op=dist.ReduceOp.SUM, group=group)
+            done.add(id(s.hessian))
+    return stats
 
 
 def calibrate(model: nn.Module, names, samples: torch.Tensor, hessian_for=None, batch_size: int = 1,

@@ -5,20 +5,23 @@ Three steps, each a function of its own, composed by :func:`quantize_model`:
 1. **Plan** (:func:`plan_model`): the module policy (:func:`nvfp4kit.policy.plan_precision`) over the
    model's Linears decides each one's format; fused MoE experts are first split into per-expert
    Linears (:func:`~nvfp4kit.calibrate.moe.unfuse_experts`). :func:`needed_statistics` says which
-   Linears calibration must observe: the input amax of every Linear whose input gets a static scale,
+   Linears calibration must observe (:func:`~nvfp4kit.calibrate.records.needed_statistics`): the input amax of every Linear whose input gets a static scale,
    and the input Hessian of every NVFP4 Linear when the weight scale is ``gptq``.
 2. **Calibrate** (:func:`calibrate_model`): run the calibration samples through the model with
    observers (:mod:`~nvfp4kit.calibrate.observers`; every MoE expert sees every token of its layer) and,
    with ``kv_cache="fp8"``, the post-RoPE key/value amax of every attention
    (:mod:`~nvfp4kit.calibrate.kv_cache`).
-3. **Quantize** (:func:`quantize_linears`): fused groups (q/k/v, gate/up) share one weight global amax
+3. **Quantize** (:func:`~nvfp4kit.calibrate.records.quantize_linears`): fused groups (q/k/v, gate/up) share one weight global amax
    and one input amax per format; each static input amax is moved (by at most ~1 ulp) to a value both
    checkpoint formats store exactly (:func:`~nvfp4kit.checkpoint.layout.exact_input_amax`); each weight
    is quantized with the weight-scale method (:mod:`~nvfp4kit.calibrate.weight_scales`).
 
-``sequential=True`` interleaves 2 and 3 block by block (:mod:`~nvfp4kit.calibrate.sequential`): each
+Calibration passes stop after the last repeated block when nothing after it is observed, so the
+output head (most of the compute on a large-vocabulary model) never runs.
+
+``sequential=True`` interleaves 2 and 3 block by block (:mod:`~nvfp4kit.calibrate.blockwise`): each
 block is calibrated on the outputs of the blocks before it, already quantized and computing as they
-will be served (:mod:`~nvfp4kit.calibrate.emulation`).
+will be served (:mod:`~nvfp4kit.calibrate.emulation`). The same engine quantizes models from disk.
 
 The result is a :class:`QuantizeResult` whose ``qmodel`` (a
 :class:`~nvfp4kit.checkpoint.types.QuantizedModel`) the checkpoint writers store. The model itself is
@@ -35,18 +38,15 @@ import torch
 from torch import nn
 
 from .. import progress
-from ..checkpoint.layout import FP8_RANGE, NVFP4_ACT_RANGE, exact_input_amax
-from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
-from ..formats.fp8 import fp8_quantize
-from ..formats.scales import tensor_amax
-from ..policy import PrecisionPlan, fused_groups, plan_precision
-from .emulation import apply_quantized
+from ..checkpoint.types import QuantizedModel
+from ..policy import PrecisionPlan, plan_precision
+from .blockwise import quantize_by_block
 from .kv_cache import check_kv_cache_format, observe_kv_cache
 from .moe import unfuse_experts
-from .observers import LinearStats, calibrate
-from .sequential import sequential_quantize
+from .observers import LinearStats, calibrate, stop_after_blocks
+from .records import needed_statistics, quantize_linears, quantized_model
 from .surgery import linear_shapes
-from .weight_scales import DEFAULT_WEIGHT_SCALE, WEIGHT_SCALE_METHODS, nvfp4_weight_parts
+from .weight_scales import DEFAULT_WEIGHT_SCALE, WEIGHT_SCALE_METHODS
 
 DEFAULT_SCHEME = "w4a4"
 
@@ -61,14 +61,6 @@ class QuantizeResult:
     stats: dict[str, LinearStats] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     n_calib_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class NeededStatistics:
-    """Which Linears calibration observes (input amax), and which of them also need a Hessian."""
-
-    observe: list[str]
-    hessian_for: list[str]
 
 
 # ----------------------------------------------------------------------------- 1. plan
@@ -105,14 +97,6 @@ def check_plan(model: nn.Module, plan: PrecisionPlan) -> list[str]:
     return quantized
 
 
-def needed_statistics(plan: PrecisionPlan, names, weight_scale: str = DEFAULT_WEIGHT_SCALE) -> NeededStatistics:
-    """The calibration statistics that quantizing ``names`` under ``plan`` needs (in ``names`` order)."""
-    names = list(names)
-    hessian_for = [n for n in names if plan.layers[n].format == "nvfp4"] if weight_scale == "gptq" else []
-    wanted = {n for n in names if plan.layers[n].quantize_input} | set(hessian_for)
-    return NeededStatistics([n for n in names if n in wanted], hessian_for)
-
-
 # ----------------------------------------------------------------------------- 2. calibrate
 
 
@@ -123,8 +107,9 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, scheme: str = DEFAU
     and, with ``hessians``, the input Hessians of the NVFP4 ones (for gptq). Splits fused experts."""
     plan = plan_model(model, scheme, exclude, recipe)
     need = needed_statistics(plan, plan.quantized(), "gptq" if hessians else "max")
-    return calibrate(model, plan.quantized(), samples, hessian_for=need.hessian_for, batch_size=batch_size,
-                     forward=forward)
+    with stop_after_blocks(model, plan.quantized()):
+        return calibrate(model, plan.quantized(), samples, hessian_for=need.hessian_for, batch_size=batch_size,
+                         forward=forward)
 
 
 def _observing_kv(model: nn.Module, kv_cache: str | None):
@@ -132,103 +117,6 @@ def _observing_kv(model: nn.Module, kv_cache: str | None):
 
 
 # ----------------------------------------------------------------------------- 3. quantize
-
-
-def shared_amax(plan: PrecisionPlan, names: list[str], weight_amax: dict[str, torch.Tensor],
-                input_amax: dict[str, float]) -> None:
-    """Give each fused group one weight amax and one input amax per format (the max of its members), in place."""
-    for group in fused_groups(names):
-        for fmt in {plan.layers[n].format for n in group}:
-            members = [n for n in group if plan.layers[n].format == fmt]
-            wa = torch.stack([weight_amax[n] for n in members]).max()
-            for n in members:
-                weight_amax[n] = wa
-            ia = [input_amax[n] for n in members if n in input_amax]
-            if ia:
-                for n in members:
-                    if n in input_amax:
-                        input_amax[n] = max(ia)
-
-
-def quantize_linears(model: nn.Module, plan: PrecisionPlan, stats: dict[str, LinearStats], names,
-                     weight_scale: str = DEFAULT_WEIGHT_SCALE) -> dict[str, QuantizedLinearWeight]:
-    """The records of the named Linears from their calibration statistics (see the module docs)."""
-    names = list(names)
-    modules = dict(model.named_modules())
-    observe = needed_statistics(plan, names, weight_scale).observe
-    weight_amax = {n: tensor_amax(modules[n].weight) for n in names}
-    input_amax = {n: stats[n].input_amax for n in observe if n in stats}
-    shared_amax(plan, names, weight_amax, input_amax)
-    # an activation amax both checkpoint formats store and read back exactly, so the in-memory model and
-    # the reloaded checkpoint quantize activations with the same encode scale
-    for n in input_amax:
-        act_range = NVFP4_ACT_RANGE if plan.layers[n].format == "nvfp4" else FP8_RANGE
-        input_amax[n] = exact_input_amax(input_amax[n], act_range)
-
-    records: dict[str, QuantizedLinearWeight] = {}
-    with progress.task(f"quantizing ({weight_scale})", total=len(names)) as t:
-        for n in names:
-            lp = plan.layers[n]
-            m = modules[n]
-            w = m.weight.detach()
-            bias = None if m.bias is None else m.bias.detach().float().clone()
-            in_amax = input_amax.get(n) if lp.quantize_input else None
-            if lp.format == "nvfp4":
-                h = stats[n].hessian if (weight_scale == "gptq" and n in stats) else None
-                if weight_scale == "gptq" and (h is None or stats[n].n_tokens == 0):
-                    raise ValueError(f"{n}: no calibration input reached this Linear, so gptq has no Hessian")
-                parts = nvfp4_weight_parts(w, weight_scale, global_amax=weight_amax[n], hessian=h, name=n)
-                records[n] = QuantizedLinearWeight("nvfp4", tuple(w.shape), nvfp4=parts, input_amax=in_amax, bias=bias)
-            elif lp.format == "fp8":
-                q, s = fp8_quantize(w, weight_amax[n], name=n)
-                records[n] = QuantizedLinearWeight("fp8", tuple(w.shape), fp8_weight=q, fp8_weight_scale=s,
-                                                   input_amax=in_amax, bias=bias)
-            else:
-                raise ValueError(f"{n}: the plan keeps it in {lp.format}; only quantized Linears get records")
-            t.advance(1)
-    return records
-
-
-def other_tensors(model: nn.Module, quantized, copy: bool = False) -> dict[str, torch.Tensor]:
-    """Every state tensor outside the ``quantized`` modules (by name); a tensor tied to an earlier one
-    (a head sharing the embedding) is kept once. ``copy``: detached copies instead of views."""
-    quantized = set(quantized)
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int, tuple]] = set()
-    for name, t in model.state_dict().items():
-        owner = name.rpartition(".")[0]
-        if owner in quantized:
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().clone() if copy else t.detach()
-    return out
-
-
-def config_dict(model: nn.Module) -> dict:
-    """The model's config as a plain dict (without any quantization_config)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return {}
-    d = dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else dict(cfg)
-    d.pop("quantization_config", None)
-    return d
-
-
-def quantized_model(model: nn.Module, plan: PrecisionPlan, records: dict[str, QuantizedLinearWeight],
-                    kv_cache: str | None = None, kv_amax=None) -> QuantizedModel:
-    """The :class:`QuantizedModel` of ``model`` with the quantized ``records`` (in plan order)."""
-    quantized = plan.quantized()
-    return QuantizedModel(
-        linears={n: records[n] for n in quantized},
-        tensors=other_tensors(model, records),
-        config=config_dict(model),
-        exclude_modules=sorted(plan.excluded()),
-        kv_cache_format=kv_cache,
-        kv_cache_amax=dict(kv_amax or {}),
-    )
 
 
 # ----------------------------------------------------------------------------- all three
@@ -275,20 +163,9 @@ def quantize_model(
     if sequential and need.observe:  # (with nothing to observe, one shot is the same thing)
         if stats is not None or samples is None:
             raise ValueError("sequential quantization calibrates block by block: it needs samples, not stats")
-
-        def calibrate_names(names, fwd):
-            n = needed_statistics(plan, names, weight_scale)
-            return calibrate(model, n.observe, samples, hessian_for=n.hessian_for, batch_size=batch_size,
-                             forward=fwd) if n.observe else {}
-
-        def quantize_names(names, block_stats):
-            return quantize_linears(model, plan, block_stats, names, weight_scale)
-
-        def emulate(records):
-            return apply_quantized(model, QuantizedModel(linears=records), next(model.parameters()).dtype)
-
-        with _observing_kv(model, kv_cache) as kv_amax:
-            records, stats = sequential_quantize(model, quantized, calibrate_names, quantize_names, emulate, forward)
+        done = quantize_by_block(model, samples, plan, weight_scale, sequential=True, kv_cache=kv_cache,
+                                 batch_size=batch_size, forward=forward)
+        records, stats, kv_amax = done.records, done.stats, done.kv_amax
         seconds["calibrate+quantize"] = time.perf_counter() - t0
         n_tokens = int(samples.numel())
     else:
@@ -303,7 +180,7 @@ def quantize_model(
                 what = (f"scheme {plan.scheme!r} with weight scale {weight_scale!r}" if stats is None and need.observe
                         else f"--kv-cache {kv_cache}")
                 raise ValueError(f"{what} needs calibration samples")
-            with _observing_kv(model, kv_cache) as kv_amax:
+            with _observing_kv(model, kv_cache) as kv_amax, stop_after_blocks(model, need.observe):
                 seen = calibrate(model, need.observe if stats is None else [], samples,
                                  hessian_for=need.hessian_for if stats is None else None, batch_size=batch_size,
                                  forward=forward)
@@ -320,16 +197,10 @@ def quantize_model(
 
 __all__ = [
     "DEFAULT_SCHEME",
-    "NeededStatistics",
     "QuantizeResult",
     "calibrate_model",
     "check_plan",
     "check_weight_scale",
-    "config_dict",
-    "needed_statistics",
-    "other_tensors",
     "plan_model",
-    "quantize_linears",
-    "quantized_model",
-    "shared_amax",
+    "quantize_model",
 ]

@@ -1,45 +1,29 @@
-"""Sequential (block-by-block) calibration: each block is calibrated on the inputs that the already
-quantized blocks before it produce.
+"""The block structure of a model: its repeated blocks (the ``ModuleList`` holding most of its
+Linears, e.g. ``model.layers``), the parts before them (embeddings) and after them (the final norm,
+the output head, MTP layers), and which names belong where.
 
-One-shot calibration observes every Linear in the full-precision model; but at inference the
-input of block ``i`` comes from quantized blocks ``0..i-1``, so its statistics (the GPTQ Hessian
-above all, and the activation amax) differ from those it was quantized for. Sequential
-calibration follows the order of the model's repeated blocks (the ``ModuleList`` holding most of
-its Linears, e.g. ``model.layers``):
-
-    for block i:   run the calibration samples through the model, stopping after block i
-                   (blocks 0..i-1 already compute with their quantized weights and activations);
-                   observe block i's Linears; quantize them; swap them for their quantized form.
-    finally:       the Linears outside the blocks (if any) the same way, then every swap is undone.
-
-Each pass stops at the block it calibrates, so the cost is about half a full forward per block.
-The callbacks keep this module independent of how records are computed or emulated.
+Block-by-block calibration (:mod:`nvfp4kit.calibrate.blockwise`) walks a model in this order, and a
+checkpoint's entries are written in it (:func:`BlockLayout.order`), so a model quantized whole in
+memory and one quantized block by block from disk give the same files.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from .. import progress
-from ..losses import run_causal_lm
 from ..policy import EXPERTS_LIST
-from .surgery import restore_modules
 
 
-class _StopForward(Exception):
-    """Raised by a hook after the block being calibrated: the rest of the model is not needed."""
-
-
-def _stop(module, args, output):
-    raise _StopForward()
+class StopForward(Exception):
+    """Raised by a hook once the part of the model a pass needs has run: the rest is not computed."""
 
 
 def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The ``ModuleList`` of the model's repeated blocks: the one holding the most Linears, not an
-    ``experts`` list; None when the model has no such list with two or more members."""
+    """The ``ModuleList`` of the model's repeated blocks: the one holding the most Linears (or, on a
+    model whose experts are fused 3-D parameters, the most parameters), not an ``experts`` list; None
+    when the model has no such list with two or more members."""
     best = None
     for name, m in model.named_modules():
         if not isinstance(m, nn.ModuleList) or len(m) < 2 or name.rsplit(".", 1)[-1] == EXPERTS_LIST:
@@ -51,7 +35,7 @@ def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 
 def block_members(names: list[str], blocks_name: str, n_blocks: int) -> tuple[list[list[str]], list[str]]:
-    """Split Linear names into per-block lists (in model order) and the rest."""
+    """Split module names into per-block lists (in model order) and the rest."""
     per_block: list[list[str]] = [[] for _ in range(n_blocks)]
     rest = []
     prefix = f"{blocks_name}." if blocks_name else ""
@@ -64,57 +48,75 @@ def block_members(names: list[str], blocks_name: str, n_blocks: int) -> tuple[li
     return per_block, rest
 
 
-def sequential_quantize(
-    model: nn.Module,
-    names: list[str],
-    calibrate_names: Callable[[list[str], Callable], dict],
-    quantize_names: Callable[[list[str], dict], dict],
-    emulate: Callable[[dict], dict[str, nn.Module]],
-    forward=None,
-) -> tuple[dict, dict]:
-    """Calibrate and quantize ``names`` block by block; returns ``(records, stats)`` by name.
+@dataclass
+class BlockLayout:
+    """Where everything of a model lives relative to its repeated blocks.
 
-    ``calibrate_names(names, forward)``: statistics of those Linears over the calibration samples,
-    running the model with ``forward``; ``quantize_names(names, stats)``: their records;
-    ``emulate(records)``: swaps those Linears for modules computing with the records and returns
-    the original modules by name (put back before this function returns, also on error).
+    ``before`` / ``after``: the modules outside the blocks (the largest ones that contain no block),
+    in model order, that come before / after the block list (embeddings; final norm, head, MTP).
     """
+
+    name: str
+    blocks: nn.ModuleList
+    before: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def block_name(self, i: int) -> str:
+        return f"{self.name}.{i}"
+
+    def block_of(self, name: str) -> int | None:
+        """The index of the block ``name`` lies in, or None."""
+        prefix = f"{self.name}."
+        if not name.startswith(prefix):
+            return None
+        head = name[len(prefix):].partition(".")[0]
+        return int(head) if head.isdigit() and int(head) < len(self.blocks) else None
+
+    def unit_of(self, name: str) -> tuple[int, str]:
+        """``(rank, unit)`` of a module or state name: rank 0 before the blocks, ``1 + i`` in block i,
+        ``1 + len`` after them; names of no known unit count as after."""
+        i = self.block_of(name)
+        if i is not None:
+            return 1 + i, self.block_name(i)
+        for unit in self.before:
+            if name == unit or name.startswith(unit + "."):
+                return 0, unit
+        for unit in self.after:
+            if name == unit or name.startswith(unit + "."):
+                return 1 + len(self.blocks), unit
+        return 1 + len(self.blocks), name
+
+    def order(self, names) -> list[str]:
+        """``names`` (state or module names, in model order) sorted by unit, stable within one."""
+        names = list(names)
+        return sorted(names, key=lambda n: self.unit_of(n)[0])
+
+
+def block_layout(model: nn.Module) -> BlockLayout | None:
+    """The :class:`BlockLayout` of ``model``, or None when it has no repeated blocks."""
     found = repeated_blocks(model)
     if found is None:
-        raise ValueError(f"sequential calibration needs repeated blocks (a ModuleList of layers); "
-                         f"{type(model).__name__} has none")
-    blocks_name, blocks = found
-    per_block, rest = block_members(names, blocks_name, len(blocks))
-    forward = forward or run_causal_lm
-    records: dict = {}
-    stats: dict = {}
-    originals: dict[str, nn.Module] = {}
+        return None
+    name, blocks = found
+    layout = BlockLayout(name, blocks)
+    seen = False
 
-    def stopping_after(block: nn.Module):
-        def run(m, batch):
-            handle = block.register_forward_hook(_stop)
-            try:
-                with torch.no_grad():
-                    return forward(m, batch)
-            except _StopForward:
-                return None
-            finally:
-                handle.remove()
+    def walk(module: nn.Module, prefix: str) -> None:
+        nonlocal seen
+        for child_name, child in module.named_children():
+            full = f"{prefix}{child_name}"
+            if child is blocks:
+                seen = True
+            elif name.startswith(full + "."):
+                walk(child, full + ".")
+            else:
+                (layout.after if seen else layout.before).append(full)
 
-        return run
+    walk(model, "")
+    return layout
 
-    try:
-        with progress.task("sequential calibration", total=sum(1 for b in per_block if b) + bool(rest)) as t:
-            steps = [(b_names, stopping_after(blocks[i])) for i, b_names in enumerate(per_block) if b_names]
-            if rest:
-                steps.append((rest, forward))
-            for step_names, fwd in steps:
-                step_stats = calibrate_names(step_names, fwd)
-                stats.update(step_stats)
-                step_records = quantize_names(step_names, step_stats)
-                records.update(step_records)
-                originals.update(emulate(step_records))
-                t.advance(1)
-    finally:
-        restore_modules(model, originals)
-    return records, stats
+
+__all__ = ["BlockLayout", "StopForward", "block_layout", "block_members", "repeated_blocks"]

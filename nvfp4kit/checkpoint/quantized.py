@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -170,7 +171,8 @@ class RecordWriter:
     :class:`ShardedWriter`, then the configs; the directory appears only when all is written.
 
     ``strict_fused``: raise (True, the default) if fused groups (q/k/v, gate/up) do not share their
-    weight global scale; otherwise log a warning.
+    weight global scale; otherwise log a warning. ``tensor_dtype``: the dtype floating tensors that are
+    not quantized (and biases) are stored in, e.g. the source model's own (None: as given).
     """
 
     def __init__(
@@ -186,8 +188,10 @@ class RecordWriter:
         overwrite: bool = False,
         strict_fused: bool = True,
         sources=(),
+        tensor_dtype: torch.dtype | None = None,
     ):
         self.fmt = check_write_format(fmt)
+        self.tensor_dtype = tensor_dtype
         self.fmod = mo if self.fmt == MODELOPT else ct
         if kv_cache_format not in (None, "fp8"):
             raise CheckpointError(f"kv_cache_format must be None or 'fp8', got {kv_cache_format!r}")
@@ -220,8 +224,15 @@ class RecordWriter:
                 raise
         return self.writer.__exit__(exc_type, exc, tb)
 
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        if self.tensor_dtype is not None and t.is_floating_point() and t.dtype != self.tensor_dtype:
+            return t.to(self.tensor_dtype)
+        return t
+
     def linear(self, name: str, lw: QuantizedLinearWeight) -> None:
         validate_linear(name, lw)
+        if lw.bias is not None and self.tensor_dtype is not None:
+            lw = dataclasses.replace(lw, bias=self._stored(lw.bias))
         scheme = scheme_of(lw)
         if scheme is None:
             self.bf16_linears.append(name)
@@ -238,7 +249,7 @@ class RecordWriter:
         self.writer.make_room(nbytes)
 
     def tensor(self, name: str, t: torch.Tensor) -> None:
-        self.writer.add(name, t)
+        self.writer.add(name, self._stored(t))
 
     def kv(self, attn: str, k_amax: float, v_amax: float) -> None:
         if self.kv_cache_format != "fp8":
@@ -280,6 +291,7 @@ def save_quantized(
     max_shard_size=DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     strict_fused: bool = True,
+    tensor_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``model`` as a modelopt HF (default) or compressed-tensors checkpoint directory.
 
@@ -287,7 +299,8 @@ def save_quantized(
     one shard is ``model.safetensors``), ``config.json`` with ``quantization_config``,
     ``hf_quant_config.json`` (modelopt), tokenizer / generation files copied from
     ``model.source_dir``. Written to a temporary directory beside ``out_dir`` and renamed when
-    complete. Refuses an existing ``out_dir`` unless ``overwrite``. Returns the output path.
+    complete. Refuses an existing ``out_dir`` unless ``overwrite``. ``tensor_dtype``: store the
+    unquantized floating tensors (and biases) in this dtype. Returns the output path.
     """
     if not isinstance(model, QuantizedModel):
         raise TypeError(f"save_quantized: expected a QuantizedModel, got {type(model).__name__}")
@@ -304,11 +317,13 @@ def save_quantized(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         strict_fused=strict_fused,
+        tensor_dtype=tensor_dtype,
     ) as w:
-        for name, t in model.tensors.items():
-            w.tensor(name, t)
-        for name, lw in model.linears.items():
-            w.linear(name, lw)
-        for attn, (k, v) in model.kv_cache_amax.items():
-            w.kv(attn, k, v)
+        for kind, name, value in model.entries():
+            if kind == "tensor":
+                w.tensor(name, value)
+            elif kind == "linear":
+                w.linear(name, value)
+            else:
+                w.kv(name, *value)
     return w.out

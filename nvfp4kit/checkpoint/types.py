@@ -52,6 +52,8 @@ class QuantizedModel:
     ``source_dir``: where tokenizer / generation files are copied from (optional).
     ``kv_cache_format``: None, or ``"fp8"`` for a static FP8 KV cache; then ``kv_cache_amax`` maps each
     attention module (e.g. ``model.layers.3.self_attn``) to its calibrated ``(k_amax, v_amax)``.
+    ``order``: ``(kind, name)`` pairs (kind ``"tensor"``, ``"linear"`` or ``"kv"``) giving the order in
+    which the writers store the entries (the model's order); empty: tensors, then Linears, then KV.
     """
 
     linears: dict[str, QuantizedLinearWeight] = field(default_factory=dict)
@@ -61,3 +63,17 @@ class QuantizedModel:
     source_dir: str | None = None
     kv_cache_format: str | None = None
     kv_cache_amax: dict[str, tuple[float, float]] = field(default_factory=dict)
+    order: list[tuple[str, str]] = field(default_factory=list)
+
+    def entries(self):
+        """``(kind, name, value)`` of every entry, in :attr:`order` (then anything it does not name)."""
+        tables = {"tensor": self.tensors, "linear": self.linears, "kv": self.kv_cache_amax}
+        done = set()
+        for kind, name in self.order:
+            if name in tables[kind] and (kind, name) not in done:
+                done.add((kind, name))
+                yield kind, name, tables[kind][name]
+        for kind in ("tensor", "linear", "kv"):
+            for name, value in tables[kind].items():
+                if (kind, name) not in done:
+                    yield kind, name, value

@@ -29,7 +29,7 @@ for _name in COMMAND_MODULES:
 def main() -> None:
     from .. import progress
 
-    progress.use_rich()
+    progress.use_terminal()
     app()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 WEIGHT_SCALES = "max | mse | 4over6 | gptq"
+DEVICES = "auto | cpu | cuda | cuda:N"
 FORMATS = "modelopt | compressed-tensors"
 
 
@@ -27,3 +28,7 @@ def calib_samples(default: int, what: str = "calibration samples") -> typer.mode
 
 def seq_len(default: int, what: str = "tokens per calibration sample") -> typer.models.OptionInfo:
     return typer.Option(default, "--seq-len", help=what)
+
+
+def device(default: str = "auto") -> typer.models.OptionInfo:
+    return typer.Option(default, "--device", help=f"where to compute: {DEVICES} (auto: a GPU when there is one)")

@@ -36,11 +36,25 @@ def quantize_cmd(
     kv_cache: Optional[str] = typer.Option(
         None, "--kv-cache",
         help="fp8: also calibrate static FP8 KV-cache scales (post-RoPE keys and values, per attention layer)"),
-    sequential: bool = typer.Option(
-        False, "--sequential/--one-shot",
-        help="calibrate block by block, each block on the outputs of the already-quantized blocks before it "
-             "(GPTQ Hessians and activation scales match what the quantized model sees; about half a forward "
-             "pass per block more)"),
+    sequential: Optional[bool] = typer.Option(
+        None, "--sequential/--one-shot",
+        help="calibrate each block on the outputs of the already-quantized blocks before it (GPTQ Hessians and "
+             "activation scales match what the quantized model sees), or all blocks on the full-precision model; "
+             "default: one-shot when the model is loaded whole, sequential block by block"),
+    load: str = typer.Option(
+        D.load, "--load",
+        help="whole: load the model into memory; blocks: keep it on disk and quantize one block at a time (memory "
+             "peak: one block + calibration activations + one shard; resumable: run the same command again); "
+             "auto: whole when it fits in half the free memory of the device"),
+    device: str = options.device(D.device),
+    dtype: str = typer.Option(
+        D.dtype, "--dtype", help="compute dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, bfloat16, "
+                                 "float16; statistics and scale searches are float32 in any case"),
+    activation_memory: Optional[float] = typer.Option(
+        None, "--activation-memory",
+        help="block by block: GB of calibration activations kept in memory (the rest spills to disk beside "
+             "--out); default 15%% of the free memory"),
+    max_shard_size: str = typer.Option(D.max_shard_size, "--max-shard-size", help="output shard size, e.g. 5GB"),
     weights_only_streaming: bool = typer.Option(
         False, "--weights-only-streaming",
         help="weight-only (W4A16 / FP8 weights) conversion one tensor at a time, without loading the model"),
@@ -53,7 +67,8 @@ def quantize_cmd(
     job = QuantizeJob(model=model, out=out, format=format, scheme=scheme, weight_scale=weight_scale, calib=calib,
                       calib_samples=calib_samples, seq_len=seq_len, exclude=tuple(exclude or ()), recipe=recipe,
                       overwrite=overwrite, bits_budget=bits_budget, kv_cache=kv_cache,
-                      sequential=sequential)
+                      sequential=sequential, load=load, device=device, dtype=dtype,
+                      activation_memory=activation_memory, max_shard_size=max_shard_size)
     try:
         if weights_only_streaming:
             path = run_streaming(job)
@@ -62,6 +77,8 @@ def quantize_cmd(
         result, path = run_quantize(job)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
+    if not _is_main():
+        return
     counts = result.plan.counts()
     console.print(
         f"quantized {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))} Linears "
@@ -72,3 +89,9 @@ def quantize_cmd(
                       f"{len(result.qmodel.kv_cache_amax)} attention layers")
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
     console.print(f"wrote {path}")
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

@@ -24,8 +24,8 @@ from .lm import NemotronForCausalLM
 # tensors kept in float32 whatever dtype the rest of the model is loaded or saved in
 FP32_TENSORS = ("e_score_correction_bias",)
 
-__all__ = ["CheckpointError", "FP32_TENSORS", "INDEX_NAME", "SINGLE_NAME", "check_names_and_shapes", "load_pretrained",
-           "load_weights", "read_header_shapes", "save_pretrained"]
+__all__ = ["CheckpointError", "FP32_TENSORS", "INDEX_NAME", "SINGLE_NAME", "check_names_and_shapes",
+           "load_module_weights", "load_pretrained", "load_weights", "read_header_shapes", "save_pretrained"]
 
 
 def read_header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -90,6 +90,21 @@ def load_weights(model: NemotronForCausalLM, path: str | os.PathLike, *, device=
                 _set_tensor(model, n, t.to(device=device, dtype=_dtype_for(n, t.dtype, model_dtype[n], dtype)))
                 task.advance(1)
     return model
+
+
+def load_module_weights(model: torch.nn.Module, prefix: str, reader: CheckpointReader, *, device="cpu",
+                        dtype=None, skip=()) -> None:
+    """Read the tensors of the submodule ``prefix`` of ``model`` (which may live on the meta device) from
+    an open checkpoint; names and shapes are checked against the model first. ``skip``: state names
+    not to read (tied duplicates)."""
+    module = model.get_submodule(prefix) if prefix else model
+    wanted = {f"{prefix}.{k}" if prefix else k: v for k, v in module.state_dict().items()}
+    wanted = {k: v for k, v in wanted.items() if k not in set(skip)}
+    found = {k: reader.shape(k) for k in wanted if k in reader}
+    check_names_and_shapes({k: tuple(v.shape) for k, v in wanted.items()}, found, where=str(reader.dir))
+    for n, ref in wanted.items():
+        t = reader.get(n)
+        _set_tensor(model, n, t.to(device=device, dtype=_dtype_for(n, t.dtype, ref.dtype, dtype)))
 
 
 def load_pretrained(path: str | os.PathLike, *, device="cpu", dtype=None) -> NemotronForCausalLM:

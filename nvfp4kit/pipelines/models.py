@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,7 @@ class LoadedModel:
     kind: str  # "hf", "gguf", "hybrid", "quantized"
     quantized: QuantizedModel | None = None
     task: str = CAUSAL_LM  # CAUSAL_LM (perplexity) or ENCODER (embedding similarity)
+    source_dtype: torch.dtype | None = None  # the dtype the checkpoint stores its weights in
 
 
 def is_quantized_checkpoint(path: Path) -> bool:
@@ -171,10 +173,12 @@ def tokenizer_or_none(path: Path):
         return None
 
 
-def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a high-precision model: an HF folder, a ``.gguf`` file, or the embedded default (``None``).
+def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+                      device="cpu") -> LoadedModel:
+    """Load a high-precision model: an HF folder, a ``.gguf`` file, or the embedded default (``None``),
+    in ``dtype`` on ``device``.
 
-    HF folders are built with the class their ``config.json`` names (see :mod:`.hf_models`), so
+    HF folders are built with the class their ``config.json`` names (see :func:`hf_model_class`), so
     encoders such as ``BertModel`` load as themselves, not as a language model with a new head.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -182,7 +186,7 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
     p = embedded_model_path() if path is None else Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--model {str(p)!r} does not exist")
-    task = CAUSAL_LM
+    task, declared = CAUSAL_LM, None
     with progress.task(f"loading {p.name}", total=1) as t:
         if p.is_file() and p.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
@@ -196,12 +200,14 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
 
                 model = load_pretrained(p, dtype=dtype)
                 kind = "hybrid"
+                declared = stored_float_dtype(p)
             else:
                 config = AutoConfig.from_pretrained(str(p))
                 if getattr(config, "is_encoder_decoder", False):
                     raise ValueError(f"--model {str(p)!r} is an encoder-decoder model ({config.model_type}); "
                                      "nvfp4kit calibrates and evaluates decoder-only LMs and encoders")
                 model_class = hf_model_class(config)
+                declared = stored_float_dtype(p)
                 model = model_class.cls.from_pretrained(str(p), dtype=dtype)
                 kind, task = "hf", model_class.kind
             tok = tokenizer_or_none(p)
@@ -209,11 +215,13 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
             raise ValueError(f"--model {str(p)!r}: expected a Hugging Face model folder (config.json) or a .gguf file")
         t.advance(1)
     model.eval()
-    return LoadedModel(model, tok, str(p), kind, task=task)
+    if torch.device(device).type != "cpu":
+        model.to(device)
+    return LoadedModel(model, tok, str(p), kind, task=task, source_dtype=declared)
 
 
 def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                         quantize_inputs: bool = True, kv_cache: bool = True) -> LoadedModel:
+                         quantize_inputs: bool = True, kv_cache: bool = True, device="cpu") -> LoadedModel:
     """An HF model built from a quantized checkpoint's config, its quantized Linears emulated
     (and, with ``kv_cache``, its FP8 KV cache if the checkpoint has one)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -222,7 +230,9 @@ def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
 
     p = Path(path)
     if is_hybrid_checkpoint(p):
-        return _load_quantized_hybrid(p, dtype, quantize_inputs, kv_cache)
+        loaded = _load_quantized_hybrid(p, dtype, quantize_inputs, kv_cache)
+        loaded.model.to(device)
+        return loaded
     with progress.task(f"loading {p.name}", total=1) as t:
         qm = load_quantized(p)
         config = AutoConfig.from_pretrained(str(p))
@@ -248,7 +258,7 @@ def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
             apply_kv_cache(model, qm)
         tok = AutoTokenizer.from_pretrained(str(p))
         t.advance(1)
-    model.eval()
+    model.eval().to(device)
     return LoadedModel(model, tok, str(p), "quantized", qm, task=model_class.kind)
 
 
@@ -277,11 +287,11 @@ def _load_quantized_hybrid(p: Path, dtype: torch.dtype, quantize_inputs: bool, k
 
 
 def load_model(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32,
-               quantize_inputs: bool = True, kv_cache: bool = True) -> LoadedModel:
+               quantize_inputs: bool = True, kv_cache: bool = True, device="cpu") -> LoadedModel:
     """Any model ``nvfp4kit eval`` accepts: HF folder, ``.gguf``, quantized checkpoint, or the embedded default."""
     if path is not None and Path(path).is_dir() and is_quantized_checkpoint(Path(path)):
-        return load_quantized_model(path, dtype, quantize_inputs, kv_cache)
-    return load_source_model(path, dtype)
+        return load_quantized_model(path, dtype, quantize_inputs, kv_cache, device)
+    return load_source_model(path, dtype, device)
 
 
 def load_causal_lm(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
@@ -301,8 +311,295 @@ def load_causal_lm(path: str | os.PathLike | None = None, dtype: torch.dtype = t
     return loaded.model, loaded.tokenizer
 
 
-def reference_linear_weights(source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+def reference_linear_weights(source: str | os.PathLike | None, device="cpu") -> dict[str, torch.Tensor]:
     """Linear weights (by module name) of a high-precision source model (HF folder, .gguf, or embedded)."""
-    loaded = load_source_model(source)
+    loaded = load_source_model(source, device=device)
     unfuse_experts(loaded.model)
     return {n: m.weight.detach() for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
+
+
+# ----------------------------------------------------------------------------- block by block from disk
+
+
+def stored_float_dtype(folder) -> torch.dtype | None:
+    """The floating dtype a safetensors checkpoint stores most of its weights in (by bytes, from the
+    headers), or None when it cannot tell (no safetensors, no floating tensor)."""
+    from ..checkpoint import CheckpointError, CheckpointReader
+    from ..checkpoint.reader import ST_DTYPES
+
+    try:
+        with CheckpointReader(folder, max_open_files=0) as reader:
+            by: dict[str, int] = {}
+            for n in reader.names():
+                d = reader.dtype_str(n)
+                if d in ("F16", "BF16", "F32"):
+                    by[d] = by.get(d, 0) + reader.nbytes(n)
+    except CheckpointError:
+        return None
+    return ST_DTYPES[max(by, key=by.get)] if by else None
+
+
+@dataclass
+class BlockwiseModel:
+    """A model built on the meta device (real buffers, weights still on disk) and the source that
+    brings its parts into memory (:class:`~nvfp4kit.calibrate.blockwise.BlockSource`)."""
+
+    model: nn.Module
+    source: object
+    tokenizer: object
+    path: str
+    kind: str  # "hf", "gguf", "hybrid"
+    task: str = CAUSAL_LM
+    source_dtype: torch.dtype | None = None
+    generation_config: object = None
+
+
+def _block_index(model: nn.Module, name: str) -> int | None:
+    from ..calibrate.sequential import block_layout
+
+    layout = block_layout(model)
+    return None if layout is None else layout.block_of(name)
+
+
+def _to_meta(model: nn.Module, names: list[str]) -> None:
+    """Free the weights of the named modules: parameters and persistent buffers back to the meta device;
+    computed buffers (rotary tables) are kept. (Tied names were taken from the model before any load.)"""
+    for n in names:
+        for m in model.get_submodule(n).modules():
+            for k, p in m._parameters.items():
+                if p is not None and p.device.type != "meta":
+                    m._parameters[k] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for k, b in m._buffers.items():
+                if b is not None and k not in m._non_persistent_buffers_set and b.device.type != "meta":
+                    m._buffers[k] = b.to("meta")
+
+
+def _move_buffers(model: nn.Module, device) -> None:
+    """Put the real (non-meta) buffers of a meta model on ``device`` (rotary tables and the like)."""
+    for m in model.modules():
+        for k, b in list(m._buffers.items()):
+            if b is not None and b.device.type != "meta" and b.device != torch.device(device):
+                m._buffers[k] = b.to(device)
+
+
+class HFBlockSource:
+    """The weights of a transformers model built on the meta device, read a part at a time through
+    transformers' own checkpoint conversion (the same renames and expert fusions ``from_pretrained``
+    applies), from a safetensors folder or a GGUF file's tensors. A block's fused experts are split into
+    per-expert Linears once it is loaded (:func:`~nvfp4kit.calibrate.moe.unfuse_experts`)."""
+
+    def __init__(self, skeleton: nn.Module, tensors, dtype: torch.dtype, device, where: str):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.tensors = tensors  # name -> tensor loader (see _keys)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.where = where
+        from ..calibrate.records import tied_duplicates
+
+        self.mapping = get_model_conversion_mapping(skeleton)
+        self.tied = tied_duplicates(skeleton)
+        self.dtype_plan = skeleton._get_dtype_plan(dtype) if hasattr(skeleton, "_get_dtype_plan") else {}
+        from ..calibrate.sequential import block_layout
+
+        layout = block_layout(skeleton)
+        leaf = layout.name.rpartition(".")[2] if layout is not None else "layers"
+        self._block_key = re.compile(rf"(^|\.)({re.escape(leaf)}|blk)\.(\d+)\.")
+        self._units = layout.before + layout.after if layout is not None else []
+
+    def _keys(self, model: nn.Module, name: str) -> list[str]:
+        i = _block_index(model, name)
+        keys = []
+        for k in self.tensors.names():
+            m = self._block_key.search(k)
+            if i is not None:
+                if m and int(m.group(3)) == i:
+                    keys.append(k)
+            elif not m and (k.startswith(name + ".") or not any(k.startswith(u + ".") for u in self._units)):
+                keys.append(k)
+        return keys
+
+    def load(self, model: nn.Module, names: list[str]) -> None:
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        from ..calibrate.moe import unfuse_experts
+        from ..checkpoint import CheckpointError
+
+        tied = self.tied
+        for name in names:
+            module = model.get_submodule(name)
+            if not any(p.device.type == "meta" for n, p in module.named_parameters(remove_duplicate=False)
+                       if f"{name}.{n}" not in tied):
+                continue
+            sd = {k: self.tensors.get(k) for k in self._keys(model, name)}
+            config = LoadStateDictConfig(pretrained_model_name_or_path=self.where, dtype=self.dtype,
+                                         dtype_plan=self.dtype_plan, weight_mapping=self.mapping)
+            was = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=sd, load_config=config)
+            finally:
+                if was:
+                    hf_logging.enable_progress_bar()
+            if getattr(info, "conversion_errors", None):
+                raise CheckpointError(f"{self.where}: converting the tensors of {name} failed: "
+                                      f"{info.conversion_errors}")
+            if hasattr(model, "tie_weights"):  # loading replaced the parameters: tie them again
+                model.tie_weights()
+            lacking = [n for n, p in module.named_parameters(remove_duplicate=False)
+                       if p.device.type == "meta" and f"{name}.{n}" not in tied]
+            if lacking:
+                raise CheckpointError(f"{self.where}: no tensors for {name}.{lacking[0]} (and {len(lacking) - 1} "
+                                      "more) in the checkpoint")
+            if _block_index(model, name) is not None:
+                unfuse_experts(module)
+            if self.device.type != "cpu":
+                module.to(self.device)
+
+    def free(self, model: nn.Module, names: list[str]) -> None:
+        _to_meta(model, names)
+
+
+class _SafetensorsTensors:
+    """The tensors of a safetensors folder, read one at a time (errors name the file and tensor)."""
+
+    def __init__(self, folder):
+        from ..checkpoint import CheckpointReader
+
+        self.reader = CheckpointReader(folder, max_open_files=0)
+
+    def names(self) -> list[str]:
+        return self.reader.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+
+# GGUF tensor processors whose per-tensor transform keeps the name and needs no other tensor
+_STREAMABLE_GGUF = {"TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor"}
+
+
+class _GGUFTensors:
+    """The tensors of a GGUF file under their transformers names, dequantized one at a time exactly as
+    transformers' GGUF loader does (its name map and per-architecture tensor processor)."""
+
+    def __init__(self, path: Path, skeleton: nn.Module, dtype: torch.dtype):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            load_gguf_checkpoint,
+        )
+
+        self.parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        reader = GGUFReader(str(path))
+        arch = str(reader.fields["general.architecture"].parts[-1].tobytes().decode()) \
+            if "general.architecture" in reader.fields else ""
+        cls = TENSOR_PROCESSORS.get(arch, TensorProcessor)
+        if cls.__name__ not in _STREAMABLE_GGUF:
+            raise NotImplementedError(arch)
+        self.processor = cls(config=self.parsed.get("config", {}))
+        self.mapping = get_gguf_hf_weights_map(skeleton, self.processor)
+        self.dtype = dtype
+        self._by_name = {self.mapping[t.name]: t for t in reader.tensors if t.name in self.mapping}
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def get(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        t = self._by_name[name]
+        result = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                        tensor_key_mapping=self.mapping, parsed_parameters=self.parsed)
+        return torch.from_numpy(np.copy(result.weights)).to(self.dtype)
+
+
+class HybridBlockSource:
+    """The weights of nvfp4kit's Nemotron 3 model built on the meta device, read a module at a time from
+    its released-layout checkpoint (:func:`nvfp4kit.model.io.load_module_weights`)."""
+
+    def __init__(self, folder, dtype: torch.dtype, device):
+        from ..checkpoint import CheckpointReader
+
+        self.reader = CheckpointReader(folder, max_open_files=0)
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def load(self, model: nn.Module, names: list[str]) -> None:
+        from ..calibrate.records import tied_duplicates
+        from ..model.io import load_module_weights
+
+        skip = tied_duplicates(model)
+        for name in names:
+            module = model.get_submodule(name)
+            if any(p.device.type == "meta" for p in module.parameters()):
+                load_module_weights(model, name, self.reader, device=self.device, dtype=self.dtype, skip=skip)
+
+    def free(self, model: nn.Module, names: list[str]) -> None:
+        _to_meta(model, names)
+
+
+def open_by_block(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32,
+                  device="cpu") -> BlockwiseModel:
+    """A model to quantize block by block: built on the meta device, its weights read from ``path``
+    (an HF safetensors folder, a ``.gguf`` file, a Nemotron 3 hybrid folder, or the embedded default)
+    one part at a time."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    p = embedded_model_path() if path is None else Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--model {str(p)!r} does not exist")
+    if p.is_dir() and is_quantized_checkpoint(p):
+        raise ValueError(f"--model {str(p)!r} is already a quantized checkpoint; quantize its source model")
+    gen = None
+    if p.is_dir() and is_hybrid_checkpoint(p):
+        from ..model.config import NemotronConfig
+        from ..model.lm import NemotronForCausalLM
+
+        config = NemotronConfig.from_json(p / "config.json")
+        with torch.device("meta"):
+            model = NemotronForCausalLM(config, dtype=dtype)
+        declared = stored_float_dtype(p)
+        return BlockwiseModel(model.eval(), HybridBlockSource(p, dtype, device), tokenizer_or_none(p), str(p),
+                              "hybrid", CAUSAL_LM, declared)
+    if p.is_file() and p.suffix == ".gguf":
+        config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model_class, kind = hf_model_class(config), "gguf"
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    elif p.is_dir() and (p / "config.json").is_file():
+        config = AutoConfig.from_pretrained(str(p))
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"--model {str(p)!r} is an encoder-decoder model ({config.model_type}); nvfp4kit "
+                             "calibrates and evaluates decoder-only LMs and encoders")
+        model_class, kind = hf_model_class(config), "hf"
+        tok = tokenizer_or_none(p)
+        try:
+            gen = GenerationConfig.from_pretrained(str(p))
+        except (OSError, ValueError):
+            gen = None
+    else:
+        raise ValueError(f"--model {str(p)!r}: expected a Hugging Face model folder (config.json) or a .gguf file")
+    declared = stored_float_dtype(p) if kind == "hf" else None
+    with init_empty_weights(include_buffers=False):
+        model = model_class.from_config(config, dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _move_buffers(model, device)
+    if kind == "gguf":
+        try:
+            tensors = _GGUFTensors(p, model, dtype)
+        except NotImplementedError as e:
+            raise ValueError(f"--model {str(p)!r}: GGUF architecture {e} is not read tensor by tensor (its "
+                             "tensors are combined on load); quantize it whole (--load whole)") from None
+    else:
+        tensors = _SafetensorsTensors(p)
+    source = HFBlockSource(model, tensors, dtype, device, str(p))
+    return BlockwiseModel(model.eval(), source, tok, str(p), kind, model_class.kind, declared, gen)

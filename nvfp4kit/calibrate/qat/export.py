@@ -7,7 +7,7 @@ from typing import Iterable
 import torch.nn as nn
 
 from ...checkpoint.types import QuantizedModel
-from ..ptq import config_dict, other_tensors
+from ..records import config_dict, entry_order, other_tensors
 from .prepare import fake_quant_modules
 
 
@@ -31,7 +31,7 @@ def export_quantized_model(
     kept_high = [n for n, m in mods.items() if m.format == "bf16"]
     exclude = sorted(set(plain) | set(kept_high) | set(extra_exclude))
     return QuantizedModel(linears=linears, tensors=tensors, config=config, exclude_modules=exclude,
-                          source_dir=source_dir)
+                          source_dir=source_dir, order=entry_order(model, linears))
 
 
 __all__ = ["export_quantized_model"]

@@ -1,0 +1,227 @@
+"""A checkpoint written unit by unit into a staging folder beside the output, so that an interrupted run
+resumes after the last finished unit and gives the same bytes as one that never stopped.
+
+Layout of ``.OUT.partial/`` (a fixed name: the same command finds it again)::
+
+    manifest.json             the job's signature, the units finished, the pieces, the resume state
+    piece-00000.safetensors   the entries of one unit (records in a format-independent layout)
+    state-inputs.safetensors  what the next unit needs (the calibration activations between blocks)
+    companions/               tokenizer, generation config, model card ... copied into the output
+
+:meth:`StagedCheckpoint.finish` writes the real checkpoint from the pieces, in order, through
+:class:`~nvfp4kit.checkpoint.quantized.RecordWriter` (so the shards are exactly those an in-memory
+``save_quantized`` of the same entries makes), renames it into place and removes the staging folder.
+Nothing appears under the output name before that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..formats.nvfp4 import NVFP4Parts
+from .errors import CheckpointError
+from .quantized import RecordWriter, check_write_format
+from .types import QuantizedLinearWeight
+from .writer import DEFAULT_MAX_SHARD_BYTES, check_output_dir
+
+MANIFEST = "manifest.json"
+COMPANIONS = "companions"
+_META = "nvfp4kit.entries"
+_PARTS = {"nvfp4": ("packed", "block_scale", "global_decode_scale"), "fp8": ("fp8_weight", "fp8_weight_scale"),
+          "bf16": ("weight",)}
+
+
+def staging_dir(out) -> Path:
+    """The staging folder of an output path: ``.NAME.partial`` beside it."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.partial"
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def write_piece(path: Path, entries: list[tuple[str, str, object]]) -> None:
+    """Store ``(kind, name, value)`` entries (plain tensors, Linear records, KV amaxes) in one
+    safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta = []
+    for i, (kind, name, value) in enumerate(entries):
+        if kind == "tensor":
+            tensors[f"{i}"] = value.detach().contiguous().clone()
+            meta.append({"kind": kind, "name": name})
+        elif kind == "kv":
+            meta.append({"kind": kind, "name": name, "k": float(value[0]), "v": float(value[1])})
+        else:
+            rec: QuantizedLinearWeight = value
+            src = rec.nvfp4 if rec.format == "nvfp4" else rec
+            for part in _PARTS[rec.format]:
+                tensors[f"{i}.{part}"] = getattr(src, part).detach().contiguous().clone()
+            if rec.bias is not None:
+                tensors[f"{i}.bias"] = rec.bias.detach().contiguous().clone()
+            meta.append({"kind": kind, "name": name, "format": rec.format, "shape": list(rec.shape),
+                         "input_amax": rec.input_amax, "block": list(rec.nvfp4.block) if rec.nvfp4 else None})
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={_META: json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_piece(path: Path):
+    """The entries :func:`write_piece` stored, in order."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()[_META])
+            for i, e in enumerate(meta):
+                kind, name = e["kind"], e["name"]
+                if kind == "tensor":
+                    yield kind, name, f.get_tensor(f"{i}")
+                elif kind == "kv":
+                    yield kind, name, (e["k"], e["v"])
+                else:
+                    parts = {p: f.get_tensor(f"{i}.{p}") for p in _PARTS[e["format"]]}
+                    bias = f.get_tensor(f"{i}.bias") if f"{i}.bias" in f.keys() else None
+                    shape = tuple(e["shape"])
+                    if e["format"] == "nvfp4":
+                        rec = QuantizedLinearWeight("nvfp4", shape, nvfp4=NVFP4Parts(
+                            parts["packed"], parts["block_scale"], parts["global_decode_scale"], tuple(e["block"])),
+                            input_amax=e["input_amax"], bias=bias)
+                    else:
+                        rec = QuantizedLinearWeight(e["format"], shape, input_amax=e["input_amax"], bias=bias, **parts)
+                    yield kind, name, rec
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"staged piece {path} is unreadable ({e}); remove {path.parent} and start again") \
+            from None
+
+
+# ----------------------------------------------------------------------------- the staged checkpoint
+
+
+class StagedCheckpoint:
+    """A :class:`~nvfp4kit.calibrate.blockwise.RecordSink` that stages each unit as a piece and, at
+    :meth:`finish`, writes the checkpoint (see the module docs).
+
+    ``signature``: what must be equal for a staging folder to be resumed (the job's options and its
+    source); a folder of another job is refused. ``overwrite`` starts again in any case.
+    """
+
+    def __init__(self, out, fmt: str, signature: dict, *, config: dict, exclude_modules=(), kv_cache_format=None,
+                 max_shard_size=DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, tensor_dtype=None, sources=()):
+        self.out = check_output_dir(out, overwrite, sources)
+        self.fmt = check_write_format(fmt)
+        self.dir = staging_dir(self.out)
+        self.signature = json.loads(json.dumps(signature))
+        self.writer_options = dict(config=config, exclude_modules=list(exclude_modules),
+                                   kv_cache_format=kv_cache_format, max_shard_size=max_shard_size,
+                                   overwrite=overwrite, tensor_dtype=tensor_dtype)
+        self.manifest = {"signature": self.signature, "units": 0, "pieces": [], "state": {}}
+        self._entries: list = []
+        existing = self._read_manifest()
+        if overwrite and self.dir.exists():
+            shutil.rmtree(self.dir)
+        elif existing is not None and existing.get("signature") == self.signature:
+            self.manifest = existing
+        elif self.dir.exists():
+            if existing is not None and int(existing.get("units", 0)) > 0:
+                raise CheckpointError(
+                    f"{self.dir} holds an unfinished run of another job (different options or source); "
+                    "remove it, or pass --overwrite to start again")
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / COMPANIONS).mkdir(exist_ok=True)
+        self._write_manifest()
+
+    # ------------------------------------------------------------------ state
+
+    def _read_manifest(self) -> dict | None:
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_manifest(self) -> None:
+        tmp = self.dir / f".{MANIFEST}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(self.manifest, indent=1))
+        os.replace(tmp, self.dir / MANIFEST)
+
+    @property
+    def units_done(self) -> int:
+        """How many units (0: the part before the blocks, 1 + i: block i) are staged."""
+        return int(self.manifest["units"])
+
+    @property
+    def companions(self) -> Path:
+        """The folder whose files are copied into the checkpoint (tokenizer and the like)."""
+        return self.dir / COMPANIONS
+
+    def state(self) -> dict:
+        """The resume state saved with the last finished unit (paths are inside the staging folder)."""
+        return dict(self.manifest.get("state") or {})
+
+    # ------------------------------------------------------------------ the sink
+
+    def tensor(self, name: str, t: torch.Tensor) -> None:
+        self._entries.append(("tensor", name, t))
+
+    def linear(self, name: str, record: QuantizedLinearWeight) -> None:
+        self._entries.append(("linear", name, record))
+
+    def kv(self, attention: str, k_amax: float, v_amax: float) -> None:
+        self._entries.append(("kv", attention, (k_amax, v_amax)))
+
+    def end_unit(self, unit: int, state: dict) -> None:
+        """Stage the entries of ``unit`` as a piece and record what resuming after it needs: an
+        :class:`~nvfp4kit.calibrate.activations.ActivationStore` under ``"inputs"`` is saved to a file,
+        other values must be JSON."""
+        if unit < self.units_done:  # already staged by an earlier, interrupted run
+            self._entries = []
+            return
+        piece = f"piece-{unit:05d}.safetensors"
+        write_piece(self.dir / piece, self._entries)
+        self._entries = []
+        saved = {}
+        for key, value in state.items():
+            if hasattr(value, "save"):
+                fname = f"state-{key}.safetensors"
+                value.save(self.dir / fname)
+                saved[key] = {"file": fname}
+            else:
+                saved[key] = value
+        self.manifest["pieces"] = [p for p in self.manifest["pieces"] if p != piece] + [piece]
+        self.manifest["units"] = unit + 1
+        self.manifest["state"] = saved
+        self._write_manifest()
+
+    # ------------------------------------------------------------------ finish
+
+    def discard_if_empty(self) -> None:
+        """Remove the staging folder when no unit was finished (a run that failed early leaves nothing)."""
+        if self.units_done == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def finish(self) -> Path:
+        """Write the checkpoint from the staged pieces and rename it into place; returns its path."""
+        with RecordWriter(self.out, self.fmt, source_dir=str(self.companions), **self.writer_options) as w:
+            for piece in self.manifest["pieces"]:
+                for kind, name, value in read_piece(self.dir / piece):
+                    if kind == "tensor":
+                        w.tensor(name, value)
+                    elif kind == "linear":
+                        w.linear(name, value)
+                    else:
+                        w.kv(name, *value)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return w.out
+
+
+__all__ = ["StagedCheckpoint", "read_piece", "staging_dir", "write_piece"]
