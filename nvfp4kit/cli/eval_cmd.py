@@ -1,5 +1,5 @@
 """``nvfp4kit eval``: perplexity (causal LMs) or embedding similarity (encoders) of a high-precision or
-quantized model on a text, on CPU."""
+quantized model on a text, on the CPU or a GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from . import options
 from .app import app
 
 
@@ -26,6 +27,7 @@ def eval_cmd(
     max_sentences: int = typer.Option(256, "--max-sentences", help="encoders: sentences of the text to embed"),
     no_kv_cache: bool = typer.Option(
         False, "--no-kv-cache", help="ignore the checkpoint's FP8 KV-cache scales (keys/values in full precision)"),
+    device: str = options.device(),
 ) -> None:
     """Evaluate a model on a text.
 
@@ -39,7 +41,7 @@ def eval_cmd(
 
     try:
         r = run_eval(model, text, seq_len, max_tokens, weight_only=weight_only, against=against,
-                     max_sentences=max_sentences, kv_cache=not no_kv_cache)
+                     max_sentences=max_sentences, kv_cache=not no_kv_cache, device=device)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     out = Console()

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import options
 from .app import app
 
 
@@ -20,13 +21,14 @@ def inspect_cmd(
     path: str = typer.Argument(..., help="quantized checkpoint folder"),
     against: Optional[str] = typer.Option(None, "--against", help="source model (HF folder or .gguf) to measure error"),
     plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG chart of the per-layer error"),
+    device: str = options.device("cpu"),
 ) -> None:
     """Format, shape, scale statistics and (with --against) relative weight error of each Linear."""
     from ..evaluate.report import natural_key
     from ..pipelines.inspect import inspect_checkpoint
 
     try:
-        r = inspect_checkpoint(path, against, plot)
+        r = inspect_checkpoint(path, against, plot, device=device)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     table = Table(title=f"{r.path} ({r.format}): {len(r.rows)} quantized Linears, {r.n_tensors} other tensors")

@@ -47,6 +47,7 @@ def qat_cmd(
     save_every: int = typer.Option(D.save_every, "--save-every", help="training checkpoint interval (steps)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest training checkpoint in OUT.qat/"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
+    device: str = options.device(D.device),
 ) -> None:
     """Train through the NVFP4 quantizer (straight-through estimator) and export the quantized checkpoint."""
     from ..pipelines.qat import run_qat
@@ -55,7 +56,8 @@ def qat_cmd(
                  warmup=warmup, batch_size=batch_size, seq_len=seq_len, seed=seed, temperature=temperature,
                  ce_weight=ce_weight, trainable=trainable, weight_amax=weight_amax, weight_scale=weight_scale,
                  calib_samples=calib_samples, eval_tokens=eval_tokens, ptq=ptq, weights_from_ptq=weights_from_ptq,
-                 plan=plan, exclude=tuple(exclude), save_every=save_every, resume=resume, overwrite=overwrite)
+                 plan=plan, exclude=tuple(exclude), save_every=save_every, resume=resume, overwrite=overwrite,
+                 device=device)
     try:
         result = run_qat(job)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:

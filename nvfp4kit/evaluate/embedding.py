@@ -101,14 +101,18 @@ def embed(model: nn.Module, tokenizer, sentences: list[str], max_length: int, mo
     """``[len(sentences), H]`` float32 embeddings."""
     if not sentences:
         raise ValueError("no sentences to embed (the text has no sentence of at least 4 words)")
+    from .perplexity import model_device
+
     model.eval()
+    device = model_device(model)
     chunks = []
     with progress.task(desc, total=len(sentences)) as t:
         for i in range(0, len(sentences), batch_size):
             part = sentences[i:i + batch_size]
-            batch = dict(tokenizer(part, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+            batch = {k: v.to(device) for k, v in tokenizer(part, padding=True, truncation=True, max_length=max_length,
+                                                            return_tensors="pt").items()}
             hidden = _last_hidden(model, batch).float()
-            chunks.append(pool(hidden, batch["attention_mask"], mode))
+            chunks.append(pool(hidden, batch["attention_mask"], mode).cpu())
             t.advance(len(part))
     return torch.cat(chunks)
 

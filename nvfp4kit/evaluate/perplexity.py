@@ -19,6 +19,15 @@ class Perplexity:
     n_tokens: int  # predicted tokens
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model computes on (its first parameter's, or buffer's)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, max_tokens: int | None = None,
                desc: str = "perplexity") -> Perplexity:
@@ -37,11 +46,12 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, ma
     if ids.numel() < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
     model.eval()
+    device = model_device(model)
     starts = [s for s in range(0, ids.numel(), seq_len) if ids.numel() - s >= 2]
     total, count = 0.0, 0
     with progress.task(desc, total=len(starts)) as t:
         for s in starts:
-            window = ids[s:s + seq_len].unsqueeze(0)
+            window = ids[s:s + seq_len].unsqueeze(0).to(device)
             nll = next_token_loss(causal_lm_logits(model, window), window, reduction="sum")
             total += float(nll)
             count += window.shape[1] - 1

@@ -23,6 +23,7 @@ import torch
 from ..calibrate.data import load_text, tokenize
 from ..evaluate.embedding import EmbeddingSimilarity, compare_embeddings, embed, pooling_mode, split_sentences
 from ..evaluate.perplexity import Perplexity, perplexity
+from ..devices import resolve_device
 from .models import CAUSAL_LM, ENCODER, LoadedModel, load_model, max_positions
 
 
@@ -48,15 +49,16 @@ class EvalResult:
 
 def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max_tokens: int | None = None,
              loaded: LoadedModel | None = None, weight_only: bool = False, against: str | None = None,
-             max_sentences: int = 256, kv_cache: bool = True) -> EvalResult:
+             max_sentences: int = 256, kv_cache: bool = True, device: str = "auto") -> EvalResult:
     """Evaluate ``model`` on ``text`` (a file, a dataset file, or the built-in evaluation text).
 
     Causal LMs: perplexity over windows of ``seq_len`` tokens (and the reference's, with ``against``).
     Encoders: embedding cosine similarity to ``against`` (required) over up to ``max_sentences``
     sentences, each truncated to ``seq_len`` tokens. ``kv_cache=False`` leaves a checkpoint's FP8 KV
-    cache unemulated (keys/values in full precision).
+    cache unemulated (keys/values in full precision). ``device``: auto | cpu | cuda | cuda:N.
     """
-    loaded = loaded or load_model(model, quantize_inputs=not weight_only, kv_cache=kv_cache)
+    dev = resolve_device(device)
+    loaded = loaded or load_model(model, quantize_inputs=not weight_only, kv_cache=kv_cache, device=dev)
     if loaded.tokenizer is None:
         raise ValueError(f"--model {loaded.source!r} has no tokenizer files, needed to tokenize the evaluation text")
     source_text = load_text(text, "eval")
@@ -66,7 +68,7 @@ def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max
             raise ValueError(f"--model {loaded.source!r} is an encoder ({type(loaded.model).__name__}): it is "
                              "evaluated by the similarity of its sentence embeddings to a reference model's; "
                              "pass --against REFERENCE (e.g. the model it was quantized from)")
-        ref = load_model(against)
+        ref = load_model(against, device=dev)
         if ref.task != ENCODER:
             raise ValueError(f"--against {against!r} is a causal LM but --model {loaded.source!r} is an encoder")
         sentences = split_sentences(source_text, max_sentences)
@@ -81,7 +83,7 @@ def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max
     res = perplexity(loaded.model, ids, seq_len, max_tokens, desc=f"perplexity ({loaded.kind})")
     ref_res = ref_source = None
     if against is not None:
-        ref = load_model(against)
+        ref = load_model(against, device=dev)
         if ref.task != CAUSAL_LM:
             raise ValueError(f"--against {against!r} is an encoder but --model {loaded.source!r} is a causal LM")
         ref_ids = ids if ref.tokenizer is None else tokenize(ref.tokenizer, source_text)

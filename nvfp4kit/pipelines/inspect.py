@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import progress
 from ..evaluate.report import LayerRow, layer_rows, plot_layer_errors
+from ..devices import resolve_device
 from .models import reference_linear_weights
 
 
@@ -24,8 +25,9 @@ class InspectResult:
 
 
 def inspect_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None = None, plot: str | None = None,
-                       use_embedded_reference: bool = False) -> InspectResult:
-    """Per-layer rows of a quantized checkpoint; with ``against``, the relative weight error per layer."""
+                       use_embedded_reference: bool = False, device: str = "cpu") -> InspectResult:
+    """Per-layer rows of a quantized checkpoint; with ``against``, the relative weight error per layer
+    (the reference loaded on ``device``, compared on the CPU)."""
     from ..checkpoint import detect_format, load_quantized
 
     p = Path(path)
@@ -35,7 +37,9 @@ def inspect_checkpoint(path: str | os.PathLike, against: str | os.PathLike | Non
     with progress.task(f"reading {p.name}", total=1) as t:
         qm = load_quantized(p)
         t.advance(1)
-    ref = reference_linear_weights(against) if (against is not None or use_embedded_reference) else None
+    ref = None
+    if against is not None or use_embedded_reference:
+        ref = {n: w.cpu() for n, w in reference_linear_weights(against, resolve_device(device)).items()}
     rows = layer_rows(qm, ref)
     plot_path = None
     if plot is not None:

@@ -294,7 +294,7 @@ def load_model(path: str | os.PathLike | None, dtype: torch.dtype = torch.float3
     return load_source_model(path, dtype, device)
 
 
-def load_causal_lm(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+def load_causal_lm(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
     """A high-precision causal LM and its tokenizer for training (QAT/QAD): an HF folder, a ``.gguf``
     file, a Nemotron 3 hybrid folder, or the embedded default (loaded as ``nvfp4kit quantize`` loads it)."""
     p = None if path is None else Path(path)
@@ -302,7 +302,7 @@ def load_causal_lm(path: str | os.PathLike | None = None, dtype: torch.dtype = t
         if is_quantized_checkpoint(p):
             raise ValueError(f"--model {str(p)!r} is a quantized checkpoint; train from its full-precision source "
                              "and pass the PTQ checkpoint as --ptq")
-    loaded = load_source_model(path, dtype)
+    loaded = load_source_model(path, dtype, device)
     if loaded.task != CAUSAL_LM:
         raise ValueError(f"--model {loaded.source!r} is an encoder ({type(loaded.model).__name__}); QAT/QAD here train "
                          "on next-token prediction and need a causal LM")
@@ -592,6 +592,8 @@ def open_by_block(path: str | os.PathLike | None, dtype: torch.dtype = torch.flo
         model = model_class.from_config(config, dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    if gen is None:  # what from_pretrained derives from the config when the folder has no generation_config.json
+        gen = getattr(model, "generation_config", None)
     _move_buffers(model, device)
     if kind == "gguf":
         try:

@@ -46,6 +46,7 @@ from ..policy import DEFAULT_EXCLUDE
 from ..training import checkpointing
 from ..training.data import PackedLoader
 from ..training.loop import TrainConfig, evaluate, make_optimizer, train
+from ..devices import resolve_device
 from .models import load_causal_lm
 
 SCHEMES = ("w4a4", "w4a16")
@@ -111,6 +112,7 @@ class QATJob:
     save_every: int = 50
     resume: bool = False
     overwrite: bool = False
+    device: str = "auto"
 
     def check(self) -> None:
         if self.steps < 0:
@@ -178,7 +180,7 @@ def prepare_model(model: nn.Module, job: QATJob, calib: torch.Tensor | None,
                            weight_scale=job.weight_scale)
         missing = [n for n, m in mods.items() if m.quantize_input and m.format != "bf16" and not m.has_input_amax()]
         if missing and calib is not None:
-            calibrate_input_amax(model, [c.unsqueeze(0) for c in calib], reset=False)
+            calibrate_input_amax(model, [c.unsqueeze(0).to(_device(model)) for c in calib], reset=False)
         elif missing:
             raise ValueError(f"the PTQ checkpoint has no input scales for {missing[:3]}; use --scheme w4a16")
     else:
@@ -190,10 +192,14 @@ def prepare_model(model: nn.Module, job: QATJob, calib: torch.Tensor | None,
         if quantize_input:
             if calib is None:
                 raise ValueError("W4A4 needs calibration samples for the static activation scales")
-            calibrate_input_amax(model, [c.unsqueeze(0) for c in calib])
+            calibrate_input_amax(model, [c.unsqueeze(0).to(_device(model)) for c in calib])
     if not mods:
         raise ValueError("no Linear to quantize (check --exclude / --plan)")
     return mods
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def state_dir(out: str) -> Path:
@@ -260,7 +266,7 @@ def train_qat(model: nn.Module, windows: torch.Tensor, job: QATJob, teacher: nn.
             optimizer = make_optimizer(model, cfg)
             loader = PackedLoader(windows, job.batch_size, seed=job.seed)
             train(model, optimizer, loader, eval_windows if eval_windows.numel() else None, cfg, run_dir,
-                  resume=job.resume, loss_fn=qat_objective(job, teacher),
+                  resume=job.resume, loss_fn=qat_objective(job, teacher), device=next(model.parameters()).device,
                   run_info={"title": f"{'QAD' if job.distill else 'QAT'} {job.scheme}",
                             "signature": job_signature(job)})
             rows = _metric_rows(run_dir)
@@ -289,8 +295,9 @@ def run_qat(job: QATJob) -> QATResult:
 
     out = Path(job.out)
     prepare_output_dir(out, job.overwrite)
+    device = resolve_device(job.device)
     with progress.task("loading model", total=1) as t:
-        model, tok = load_causal_lm(job.model)
+        model, tok = load_causal_lm(job.model, device=device)
         t.advance(1)
     tokens = tokenize(tok, load_text(job.data, "calib"))
     train_tokens, eval_windows = split_tokens(tokens, job.eval_tokens, job.seq_len)
