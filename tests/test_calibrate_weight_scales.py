@@ -191,3 +191,90 @@ def test_gptq_with_mse_group_scales_beats_max_group_scales(seed):
     assert torch.equal(nvfp4_weight_parts(w, "gptq", hessian=H).packed, gptq_weight_parts(w, H, group_scale="mse").packed)
     with pytest.raises(ValueError, match="group_scale"):
         gptq_weight_parts(w, H, group_scale="min")
+
+
+# ----------------------------------------------------------------------------- the compiled GPTQ step
+
+
+def _same_parts(a, b):
+    return (torch.equal(a.packed, b.packed)
+            and torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
+            and torch.equal(a.global_decode_scale, b.global_decode_scale))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    groups=st.integers(1, 12),
+    lazy=st.sampled_from([16, 32, 48, 128]),
+    group_scale=st.sampled_from(["max", "mse"]),
+    spread=st.floats(1e-6, 1e4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_compiled_gptq_step_is_bit_identical_to_the_torch_loop(rows, groups, lazy, group_scale, spread, seed):
+    K = 16 * groups
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, K, generator=g) * torch.rand(rows, 1, generator=g) * spread
+    w[torch.rand(rows, K, generator=g) < 0.1] = 0.0  # zero entries, sometimes whole blocks
+    X = _correlated(max(64, K), K, seed % 1000)
+    X[:, torch.rand(K, generator=g) < 0.1] = 0.0  # dead inputs
+    H = X.T @ X
+    ref = gptq_weight_parts(w, H, lazy_block=lazy, group_scale=group_scale, backend="torch")
+    got = gptq_weight_parts(w, H, lazy_block=lazy, group_scale=group_scale, backend="compiled")
+    assert _same_parts(ref, got)
+
+
+def test_compiled_gptq_step_edge_cases_and_threads():
+    g = torch.Generator().manual_seed(11)
+    X = _correlated(512, 256, 4)
+    H = X.T @ X
+    cases = {
+        "zeros": torch.zeros(8, 256),
+        "one spike": torch.zeros(8, 256).index_fill_(1, torch.tensor([17]), 3.0),
+        "tiny (E4M3 subnormal block scales)": torch.randn(8, 256, generator=g) * 1e-30,
+        "huge": torch.randn(8, 256, generator=g) * 1e30,
+        "negative zeros": -torch.zeros(8, 256),
+    }
+    for what, w in cases.items():
+        for gs in ("max", "mse"):
+            ref = gptq_weight_parts(w, H, group_scale=gs, backend="torch")
+            assert _same_parts(ref, gptq_weight_parts(w, H, group_scale=gs, backend="compiled")), (what, gs)
+    # rows split over threads: the same bits as one thread
+    w = torch.randn(600, 256, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gptq_weight_parts(w, H, group_scale="mse", global_amax=float(w.abs().max()) * 2)
+        torch.set_num_threads(3)
+        three = gptq_weight_parts(w, H, group_scale="mse", global_amax=float(w.abs().max()) * 2)
+    finally:
+        torch.set_num_threads(before)
+    assert _same_parts(one, three)
+    assert _same_parts(one, gptq_weight_parts(w, H, group_scale="mse", global_amax=float(w.abs().max()) * 2,
+                                              backend="torch"))
+
+
+def test_gptq_backend_choice():
+    from nvfp4kit.kernels.dispatch import BackendUnavailable, gptq_kernel
+
+    assert gptq_kernel(torch.zeros(2, 16), "torch") is None
+    assert gptq_kernel(torch.zeros(2, 16, dtype=torch.float64)) is None  # float64 runs the torch loop
+    with pytest.raises(BackendUnavailable, match="float32 CPU"):
+        gptq_kernel(torch.zeros(2, 16, dtype=torch.float64), "compiled")
+    with pytest.raises(ValueError, match="backend must be"):
+        gptq_kernel(torch.zeros(2, 16), "fast")
+
+
+def test_block_errors_sum_in_a_fixed_pairwise_order():
+    from nvfp4kit.calibrate.weight_scales import _sum16
+
+    v = torch.tensor([1e16, 1.0, -1e16, 1.0] + [0.0] * 12, dtype=torch.float64)
+    # halves added pairwise (8+8, 4+4, 2+2, 1+1), written out by hand
+    s8 = [v[j] + v[j + 8] for j in range(8)]
+    s4 = [s8[j] + s8[j + 4] for j in range(4)]
+    s2 = [s4[j] + s4[j + 2] for j in range(2)]
+    assert float(_sum16(v)) == float(s2[0] + s2[1])
+    # the big values cancel first (v0 + v2), so both ones survive; left to right would lose one
+    assert float(_sum16(v)) == 2.0
+    x = torch.randn(5, 3, 16, dtype=torch.float64)
+    assert torch.allclose(_sum16(x), x.sum(-1))

@@ -301,3 +301,15 @@ def test_the_embedded_gguf_model_by_block_tensor_by_tensor(tmp_path):
     run_quantize(QuantizeJob(out=str(tmp_path / "whole"), load="whole", **job))
     run_quantize(QuantizeJob(out=str(tmp_path / "blocks"), load="blocks", **job))
     assert _same_folders(tmp_path / "whole", tmp_path / "blocks")
+
+
+@pytest.mark.parametrize("family", ["llama", "hybrid"])
+def test_the_config_declares_the_dtype_of_the_stored_tensors_under_its_own_key(sources, tmp_path, family):
+    src = json.loads((sources[family] / "config.json").read_text())
+    _, path = run_quantize(_job(sources, family, tmp_path / "q", load="blocks", weight_scale="max"))
+    out = json.loads((path / "config.json").read_text())
+    keys = [k for k in ("torch_dtype", "dtype") if k in src]
+    assert keys and [k for k in ("torch_dtype", "dtype") if k in out] == keys  # the source's own key(s)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        floats = {str(f.get_slice(k).get_dtype()) for k in f.keys() if k.endswith("norm.weight")}
+    assert floats == {"F32"} and all(out[k] == "float32" for k in keys)  # the tiny sources store float32

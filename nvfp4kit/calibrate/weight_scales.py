@@ -30,7 +30,7 @@ from ..formats.scales import (
     nvfp4_block_scale,
     tensor_amax,
 )
-from ..kernels.dispatch import quantize_parts
+from ..kernels.dispatch import gptq_kernel, quantize_parts
 
 WEIGHT_SCALE_METHODS = ("max", "mse", "4over6", "gptq")
 # the method of ``nvfp4kit quantize`` and of every library entry point that takes one
@@ -50,12 +50,22 @@ def _amax_of(w: torch.Tensor, global_amax) -> torch.Tensor:
     return amax
 
 
+def _sum16(v: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (16) in one fixed order, halves added pairwise (8+8, 4+4, 2+2, 1+1):
+    the same bits on every device and in the compiled GPTQ kernel, where ``sum(-1)`` would follow
+    each backend's own reduction order."""
+    while v.shape[-1] > 1:
+        h = v.shape[-1] // 2
+        v = v[..., :h] + v[..., h:]
+    return v[..., 0]
+
+
 def _block_errors(xb: torch.Tensor, s_b: torch.Tensor, s_dec: torch.Tensor):
     """Codes and float64 squared error per block for E4M3 block scales ``s_b`` ([..., nb])."""
     enc_b = nvfp4_block_encode_scale(s_b, s_dec)
     codes = e2m1_round_nearest(torch.clamp(xb * enc_b.unsqueeze(-1), -E2M1_MAX, E2M1_MAX))
     deq = e2m1_decode(codes) * (s_b.float() * s_dec).unsqueeze(-1)
-    err = (deq.double() - xb.double()).square().sum(-1)
+    err = _sum16((deq.double() - xb.double()).square())
     return codes, err
 
 
@@ -132,14 +142,41 @@ def _mse_block_scale(xb: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor,
     return best
 
 
+def _gptq_lazy_block(W1, Err1, U1, codes, scales, s_enc, s_dec, group_scale: str, dtype) -> None:
+    """The reference loop over one lazy block's columns, in place (the compiled twin:
+    ``kernels.cpu.gptq_lazy_block``). ``codes`` ``[N, L]`` and ``scales`` ``[N, L/16]`` are views
+    into the outputs."""
+    enc_b = deq_b = None
+    for i in range(W1.shape[1]):
+        if i % BLOCK_SIZE == 0:
+            group = W1[:, i:i + BLOCK_SIZE].float()
+            if group_scale == "mse":
+                s_b = _mse_block_scale(group, s_enc, s_dec)
+            else:
+                s_b = nvfp4_block_scale(group.abs().amax(-1), s_enc)
+            scales[:, i // BLOCK_SIZE] = s_b
+            enc_b = nvfp4_block_encode_scale(s_b, s_dec)
+            deq_b = (s_b.float() * s_dec).to(dtype)
+        wcol = W1[:, i]
+        c = e2m1_round_nearest(torch.clamp(wcol.float() * enc_b, -E2M1_MAX, E2M1_MAX))
+        codes[:, i] = c
+        q = e2m1_decode(c, dtype) * deq_b
+        err = (wcol - q) / U1[i, i]
+        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+
+
 def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, damp: float = 0.01,
-                      lazy_block: int = 128, group_scale: str = "max", name: str = "weight") -> NVFP4Parts:
+                      lazy_block: int = 128, group_scale: str = "max", name: str = "weight",
+                      backend: str = "auto") -> NVFP4Parts:
     """GPTQ on NVFP4 1x16 blocks (see the module docs). ``hessian``: ``[K, K]`` sum of ``x^T x``.
 
     ``group_scale``: how a 16-column group's block scales are chosen from the (error-updated)
     weights when the group starts: ``"max"`` (block max maps to 6) or ``"mse"`` (the E4M3
     candidate with the smallest squared error of the block, as the ``mse`` method does).
-    Computes in float64 when ``w`` is float64, else float32.
+    Computes in float64 when ``w`` is float64, else float32, on ``w``'s device. The columns of a
+    lazy block run in the compiled CPU kernel where ``kernels.dispatch.gptq_kernel`` offers it
+    (float32 on CPU; same bits as the torch loop, which ``backend="torch"`` forces).
     """
     if group_scale not in ("max", "mse"):
         raise ValueError(f"{name}: gptq group_scale must be 'max' or 'mse', got {group_scale!r}")
@@ -154,39 +191,26 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     lazy_block = max(BLOCK_SIZE, lazy_block - lazy_block % BLOCK_SIZE)
     W = w.detach().to(dtype).clone()
-    s_enc = global_encode_scale(_amax_of(w, global_amax))
+    s_enc = global_encode_scale(_amax_of(w, global_amax)).to(W.device)
     s_dec = decode_from_encode(s_enc)
-    U = _damped_inverse_cholesky(hessian, damp, dtype)
-    codes = torch.zeros(N, K, dtype=torch.uint8)
-    scales = torch.zeros(N, K // BLOCK_SIZE, dtype=torch.float8_e4m3fn)
+    U = _damped_inverse_cholesky(hessian.to(W.device), damp, dtype).contiguous()
+    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+    scales = torch.zeros(N, K // BLOCK_SIZE, dtype=torch.uint8, device=W.device)
+    kernel = gptq_kernel(W, backend)
+    tables = kernel.GPTQTables(s_enc, s_dec, MSE_CODE_OFFSETS if group_scale == "mse" else ()) if kernel else None
     for i1 in range(0, K, lazy_block):
         i2 = min(i1 + lazy_block, K)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        enc_b = deq_b = None
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % BLOCK_SIZE == 0:
-                g = col // BLOCK_SIZE
-                group = W1[:, i:i + BLOCK_SIZE].float()
-                if group_scale == "mse":
-                    s_b = _mse_block_scale(group, s_enc, s_dec)
-                else:
-                    s_b = nvfp4_block_scale(group.abs().amax(-1), s_enc)
-                scales[:, g] = s_b
-                enc_b = nvfp4_block_encode_scale(s_b, s_dec)
-                deq_b = (s_b.float() * s_dec).to(dtype)
-            wcol = W1[:, i]
-            c = e2m1_round_nearest(torch.clamp(wcol.float() * enc_b, -E2M1_MAX, E2M1_MAX))
-            codes[:, col] = c
-            q = e2m1_decode(c, dtype) * deq_b
-            err = (wcol - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        c1, s1 = codes[:, i1:i2], scales[:, i1 // BLOCK_SIZE:i2 // BLOCK_SIZE]
+        if kernel is not None:
+            kernel.gptq_lazy_block(W1, Err1, U1, c1, s1, tables)
+        else:
+            _gptq_lazy_block(W1, Err1, U1, c1, s1.view(torch.float8_e4m3fn), s_enc, s_dec, group_scale, dtype)
         if i2 < K:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return NVFP4Parts(pack_nibbles(codes), scales, s_dec.reshape(()))
+    return NVFP4Parts(pack_nibbles(codes), scales.view(torch.float8_e4m3fn), s_dec.reshape(()))
 
 
 def nvfp4_weight_parts(w: torch.Tensor, method: str = "max", global_amax=None, hessian: torch.Tensor | None = None,

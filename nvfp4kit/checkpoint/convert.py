@@ -17,7 +17,7 @@ import torch
 from .. import progress
 from .errors import CheckpointError
 from .layout import dequantize_linear
-from .quantized import UNQUANTIZED, RecordWriter, check_write_format, detect_format, iter_records
+from .quantized import UNQUANTIZED, RecordWriter, check_write_format, declare_dtype, detect_format, iter_records
 from .reader import CONFIG_NAME, CheckpointReader
 from .writer import ShardedWriter
 
@@ -89,10 +89,6 @@ def dequantize_checkpoint(src, out, dtype: torch.dtype = torch.bfloat16, *, max_
                     w.add(name, rec.to(dtype) if rec.dtype.is_floating_point else rec)
                 # KV-cache scales have no meaning without quantization: dropped
                 task.advance(1)
-            config = dict(info.config)
-            dtype_name = str(dtype).removeprefix("torch.")
-            for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
-                config[key] = dtype_name
-            w.write_json(CONFIG_NAME, config)
+            w.write_json(CONFIG_NAME, declare_dtype(info.config, dtype))
             w.copy_from(reader.dir, skip=(CONFIG_NAME,))
     return w.out

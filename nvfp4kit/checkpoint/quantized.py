@@ -32,6 +32,18 @@ def producer() -> dict:
     return {"name": "nvfp4kit", "version": __version__}
 
 
+def declare_dtype(config: dict, dtype: torch.dtype | None) -> dict:
+    """``config`` declaring ``dtype`` for its floating tensors: the key(s) the config already uses
+    (``torch_dtype``, as released checkpoints write it, and/or ``dtype``, newer transformers'),
+    else ``dtype``."""
+    if dtype is None:
+        return config
+    config = dict(config)
+    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
+        config[key] = str(dtype).removeprefix("torch.")
+    return config
+
+
 def check_write_format(fmt: str) -> str:
     aliases = {"modelopt": MODELOPT, "modelopt-hf": MODELOPT, "compressed-tensors": COMPRESSED_TENSORS, "ct": COMPRESSED_TENSORS}
     if fmt not in aliases:

@@ -90,9 +90,10 @@ _C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-/* Exactness rules for this file: single IEEE float32 operations whose results equal the
-   reference's (no division; sums only of small dyadic values, which are exact), no fused
-   multiply-add (built with -ffp-contract=off), no fast-math. */
+/* Exactness rules for this file: single IEEE float32/float64 operations whose results equal the
+   reference's, in the reference's order (the quantizer: no division, sums only of small dyadic
+   values, which are exact; GPTQ: the reference's own divisions and its fixed summation order), no
+   fused multiply-add (built with -ffp-contract=off), no fast-math. */
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -256,6 +257,70 @@ void nvfp4_tile_amax(float *a, int64_t n_mat, int64_t M, int64_t KB) {
     }
 }
 
+/* GPTQ on NVFP4 1x16 blocks, one lazy block of L columns (a multiple of 16) for rows [r0, r1):
+   the per-column loop of calibrate/weight_scales.py's reference, operation for operation. Rows
+   are independent, so each row runs its whole lazy block in cache. Per 16-column group: the
+   block scale from the error-updated weights (max rule, then, when n_off > 0, the E4M3 code
+   offsets of the mse search, a candidate kept only when its float64 error is strictly lower,
+   the error summed in the reference's fixed pairwise order); then per column: the E2M1 code,
+   err = (w - q) / U[j][j], and w[k] = w[k] - err * U[j][k] for the later columns of the block
+   (a rounded product, then a rounded difference, as torch's two ops do). */
+static const float E2M1_VALUE[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                     -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+static double block_sq_err(const float *x, float enc, float deq) {
+    double s[16];
+    for (int j = 0; j < 16; j++) {
+        float q = E2M1_VALUE[e2m1_code(f2u(x[j]), enc)] * deq;
+        double d = (double)q - (double)x[j];
+        s[j] = d * d;
+    }
+    for (int h = 8; h >= 1; h >>= 1)
+        for (int j = 0; j < h; j++) s[j] = s[j] + s[j + h];
+    return s[0];
+}
+
+void nvfp4_gptq_block_f32(float *W, int64_t ldw, float *E, int64_t lde, const float *U, int64_t ldu,
+                          int64_t L, int64_t r0, int64_t r1, uint8_t *codes, int64_t ldc,
+                          uint8_t *scales, int64_t lds, float factor, const float *enc_table,
+                          const float *deq_table, const int32_t *offsets, int64_t n_off) {
+    for (int64_t r = r0; r < r1; r++) {
+        float *w = W + r * ldw;
+        float *e = E + r * lde;
+        uint8_t *c = codes + r * ldc;
+        uint8_t *sc = scales + r * lds;
+        for (int64_t g0 = 0; g0 < L; g0 += 16) {
+            uint32_t m = 0;
+            for (int j = 0; j < 16; j++) { uint32_t a = f2u(w[g0 + j]) & 0x7FFFFFFFu; m = a > m ? a : m; }
+            float v = u2f(m) * factor;
+            v = v < 448.0f ? v : 448.0f;
+            uint32_t s = e4m3_rtne(v);
+            if (n_off > 0 && s > 0) {
+                double best = block_sq_err(w + g0, enc_table[s], deq_table[s]);
+                uint32_t best_s = s;
+                for (int64_t k = 0; k < n_off; k++) {
+                    int32_t cand = (int32_t)s + offsets[k];
+                    cand = cand < 1 ? 1 : (cand > 126 ? 126 : cand);
+                    double err = block_sq_err(w + g0, enc_table[cand], deq_table[cand]);
+                    if (err < best) { best = err; best_s = (uint32_t)cand; }
+                }
+                s = best_s;
+            }
+            sc[g0 / 16] = (uint8_t)s;
+            float enc = enc_table[s], deq = deq_table[s];
+            for (int64_t j = g0; j < g0 + 16; j++) {
+                uint32_t code = e2m1_code(f2u(w[j]), enc);
+                c[j] = (uint8_t)code;
+                float q = E2M1_VALUE[code] * deq;
+                const float *u = U + j * ldu;
+                float err = (w[j] - q) / u[j];
+                for (int64_t k = j + 1; k < L; k++) { float p = err * u[k]; w[k] = w[k] - p; }
+                e[j] = err;
+            }
+        }
+    }
+}
+
 /* The E4M3 rounding alone, for values in [0, 448] (lets tests compare it with torch's cast). */
 void nvfp4_e4m3_rtne_f32(const float *v, int64_t n, uint8_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)e4m3_rtne(v[i]);
@@ -362,6 +427,8 @@ def _declare(lib) -> None:
         fn.restype = ctypes.c_uint32
     lib.nvfp4_tile_amax.argtypes = [P, N, N, N]
     lib.nvfp4_tile_amax.restype = None
+    lib.nvfp4_gptq_block_f32.argtypes = [P, N, P, N, P, N, N, N, N, P, N, P, N, F32, P, P, P, N]
+    lib.nvfp4_gptq_block_f32.restype = None
     lib.nvfp4_e4m3_rtne_f32.argtypes = [P, N, P]
     lib.nvfp4_e4m3_rtne_f32.restype = None
 
@@ -600,3 +667,62 @@ def e4m3_rtne_kernel(v: torch.Tensor) -> torch.Tensor:
     out = torch.empty(v.shape, dtype=torch.uint8)
     lib.nvfp4_e4m3_rtne_f32(v.data_ptr(), v.numel(), out.data_ptr())
     return out.view(torch.float8_e4m3fn)
+
+
+# ----------------------------------------------------------------------------- GPTQ lazy blocks
+
+# rows x columns below which a lazy block runs on the calling thread
+GPTQ_PARALLEL_MIN = 1 << 15
+
+
+def gptq_available(W: torch.Tensor) -> bool:
+    """Whether :func:`gptq_lazy_block` runs this (float32, CPU) weight; the reference runs the rest."""
+    if W.device.type != "cpu" or W.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    try:
+        _load()
+    except RuntimeError:
+        return False
+    return True
+
+
+class GPTQTables:
+    """The per-tensor constants of a GPTQ run: the float32 factor S_enc * (1/6) and, per E4M3
+    code, the encode multiplier and the decode scale ``fp32(s_b) * S_dec``, by the reference's
+    own functions."""
+
+    def __init__(self, s_enc: torch.Tensor, s_dec: torch.Tensor, offsets: tuple[int, ...]):
+        codes = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        self.factor = float(s_enc.float() * _INV_E2M1_MAX)
+        self.enc = nvfp4_block_encode_scale(codes, s_dec).contiguous()
+        self.deq = (codes.float() * s_dec.float()).contiguous()
+        self.offsets = torch.tensor([d for d in offsets if d != 0], dtype=torch.int32)
+
+
+def gptq_lazy_block(W1: torch.Tensor, Err1: torch.Tensor, U1: torch.Tensor, codes: torch.Tensor,
+                    scales: torch.Tensor, tables: GPTQTables) -> None:
+    """One lazy block of GPTQ in place, bit-identical to the reference loop in
+    :func:`nvfp4kit.calibrate.weight_scales.gptq_weight_parts`.
+
+    ``W1``/``Err1`` ``[N, L]`` float32 (contiguous rows); ``U1`` the ``[L, L]`` block of the upper
+    Cholesky factor (rows may be strided); ``codes`` ``[N, L]`` uint8 and ``scales``
+    ``[N, L/16]`` uint8 views into the full outputs (row strides of their own)."""
+    lib = _load()
+    N, L = W1.shape
+    for t, what in ((W1, "W1"), (Err1, "Err1"), (U1, "U1")):
+        if t.dtype != torch.float32 or t.stride(-1) != 1:
+            raise ValueError(f"gptq_lazy_block: {what} must be float32 with unit column stride")
+    if L % BLOCK_SIZE or codes.shape != (N, L) or scales.shape != (N, L // BLOCK_SIZE) or U1.shape != (L, L):
+        raise ValueError("gptq_lazy_block: inconsistent shapes")
+    if codes.dtype != torch.uint8 or scales.dtype != torch.uint8 or codes.stride(-1) != 1 or scales.stride(-1) != 1:
+        raise ValueError("gptq_lazy_block: codes and scales must be uint8 with unit column stride")
+    args = (W1.data_ptr(), W1.stride(0), Err1.data_ptr(), Err1.stride(0), U1.data_ptr(), U1.stride(0), L)
+    tail = (codes.data_ptr(), codes.stride(0), scales.data_ptr(), scales.stride(0), tables.factor,
+            tables.enc.data_ptr(), tables.deq.data_ptr(), tables.offsets.data_ptr(), tables.offsets.numel())
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or N * L < GPTQ_PARALLEL_MIN:
+        ranges = [(0, N)]
+    else:
+        step = -(-N // threads)
+        ranges = [(s, min(N, s + step)) for s in range(0, N, step)]
+    _run(lambda s, e: lib.nvfp4_gptq_block_f32(*args, s, e, *tail), ranges)

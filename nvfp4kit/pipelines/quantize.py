@@ -40,7 +40,7 @@ from ..calibrate.ptq import DEFAULT_SCHEME, QuantizeResult, check_plan, check_we
 from ..calibrate.records import config_dict
 from ..calibrate.sequential import block_layout
 from ..calibrate.weight_scales import DEFAULT_WEIGHT_SCALE
-from ..checkpoint.quantized import MODELOPT
+from ..checkpoint.quantized import MODELOPT, declare_dtype
 from ..checkpoint.types import QuantizedModel
 from ..devices import available_memory, resolve_device, resolve_dtype
 from ..policy import check_scheme
@@ -90,7 +90,7 @@ def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.P
         result.qmodel.source_dir = str(staging)
         # unquantized tensors in the source's own dtype: they came from it, so the cast is exact
         tensor_dtype = loaded.source_dtype
-        result.qmodel.config = with_dtype(result.qmodel.config, tensor_dtype)
+        result.qmodel.config = declare_dtype(result.qmodel.config, tensor_dtype)
         return Path(save_quantized(result.qmodel, out, format=fmt, overwrite=overwrite, max_shard_size=max_shard_size,
                                    tensor_dtype=tensor_dtype))
     finally:
@@ -107,16 +107,6 @@ def stage_companions(folder: Path, tokenizer, generation_config, source) -> None
         generation_config.save_pretrained(str(folder))
     if Path(source).is_dir():
         copy_companion_files(source, folder)
-
-
-def with_dtype(config: dict, dtype: torch.dtype | None) -> dict:
-    """``config`` declaring ``dtype`` (the key transformers reads)."""
-    if dtype is None:
-        return config
-    config = dict(config)
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    return config
 
 
 def _rank_world():
@@ -310,7 +300,7 @@ def run_by_block(job: QuantizeJob, device: torch.device, t_start: float | None =
         out_bytes = estimated_output_bytes(shapes_model, plan, tensor_dtype)
         _check_disk(Path(job.out), 2 * out_bytes + 2 * act)
         sink = StagedCheckpoint(job.out, job.format, _signature(job, sequential, dtype, device, world),
-                                config=with_dtype(config_dict(bw.model), tensor_dtype),
+                                config=declare_dtype(config_dict(bw.model), tensor_dtype),
                                 exclude_modules=sorted(plan.excluded()), kv_cache_format=job.kv_cache,
                                 max_shard_size=job.max_shard_size, overwrite=job.overwrite, tensor_dtype=tensor_dtype)
         stage_companions(sink.companions, bw.tokenizer, bw.generation_config, bw.path)
