@@ -37,6 +37,12 @@ def test_repeated_blocks_and_members(tiny_llama):
     experts.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(8)])
     experts.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
     assert repeated_blocks(experts)[0] == "layers"  # an experts list is never the block list
+    one = tiny_llama(layers=1)
+    assert repeated_blocks(one) == ("model.layers", one.model.layers)  # a one-block model has its block list
+    lone = nn.Module()
+    lone.single = nn.ModuleList([nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])])
+    lone.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+    assert repeated_blocks(lone)[0] == "layers"  # a list of two or more wins over a one-member list
     per_block, rest = block_members(["a.0.x", "a.1.y", "a.0.z", "a.10.q", "head", "a.b"], "a", 2)
     assert per_block == [["a.0.x", "a.0.z"], ["a.1.y"]] and rest == ["a.10.q", "head", "a.b"]
 

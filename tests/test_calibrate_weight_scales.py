@@ -255,14 +255,14 @@ def test_compiled_gptq_step_edge_cases_and_threads():
 
 
 def test_gptq_backend_choice():
-    from nvfp4kit.kernels.dispatch import BackendUnavailable, gptq_kernel
+    from nvfp4kit.kernels.dispatch import BackendUnavailable, search_kernel
 
-    assert gptq_kernel(torch.zeros(2, 16), "torch") is None
-    assert gptq_kernel(torch.zeros(2, 16, dtype=torch.float64)) is None  # float64 runs the torch loop
+    assert search_kernel(torch.zeros(2, 16), "torch") is None
+    assert search_kernel(torch.zeros(2, 16, dtype=torch.float64)) is None  # float64 runs the torch loop
     with pytest.raises(BackendUnavailable, match="float32 CPU"):
-        gptq_kernel(torch.zeros(2, 16, dtype=torch.float64), "compiled")
+        search_kernel(torch.zeros(2, 16, dtype=torch.float64), "compiled")
     with pytest.raises(ValueError, match="backend must be"):
-        gptq_kernel(torch.zeros(2, 16), "fast")
+        search_kernel(torch.zeros(2, 16), "fast")
 
 
 def test_block_errors_sum_in_a_fixed_pairwise_order():
@@ -278,3 +278,29 @@ def test_block_errors_sum_in_a_fixed_pairwise_order():
     assert float(_sum16(v)) == 2.0
     x = torch.randn(5, 3, 16, dtype=torch.float64)
     assert torch.allclose(_sum16(x), x.sum(-1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 30),
+    blocks=st.integers(1, 8),
+    spread=st.floats(1e-30, 1e30),
+    shared=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_compiled_mse_is_bit_identical_to_the_torch_loop(rows, blocks, spread, shared, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, 16 * blocks, generator=g) * torch.rand(rows, 1, generator=g) * spread
+    w[torch.rand(w.shape, generator=g) < 0.2] = 0.0
+    w = w.to(dtype)
+    amax = float(w.abs().max()) * 1.5 if shared else None
+    ref = mse_weight_parts(w, amax, rows_per_chunk=7, backend="torch")
+    got = mse_weight_parts(w, amax, rows_per_chunk=7, backend="compiled")
+    assert _same_parts(ref, got)
+
+
+def test_compiled_mse_on_a_big_tensor_over_threads():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 700, 64, generator=g)
+    assert _same_parts(mse_weight_parts(w, backend="torch"), mse_weight_parts(w, backend="compiled"))

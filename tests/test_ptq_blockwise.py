@@ -313,3 +313,12 @@ def test_the_config_declares_the_dtype_of_the_stored_tensors_under_its_own_key(s
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         floats = {str(f.get_slice(k).get_dtype()) for k in f.keys() if k.endswith("norm.weight")}
     assert floats == {"F32"} and all(out[k] == "float32" for k in keys)  # the tiny sources store float32
+
+
+def test_a_one_block_model_by_block_is_the_whole_model_too(sources, tmp_path, tiny_llama):
+    src = _folder(tmp_path, "one", tiny_llama(vocab=128, layers=1, max_positions=128))
+    job = dict(model=str(src), calib=str(sources["calib"]), calib_samples=2, seq_len=16, scheme="w4a4",
+               weight_scale="gptq", sequential=True)
+    run_quantize(QuantizeJob(out=str(tmp_path / "whole"), load="whole", **job))
+    _, path = run_quantize(QuantizeJob(out=str(tmp_path / "blocks"), load="blocks", **job))
+    assert _same_folders(tmp_path / "whole", path)

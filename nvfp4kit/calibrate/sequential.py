@@ -22,15 +22,17 @@ class StopForward(Exception):
 
 def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The ``ModuleList`` of the model's repeated blocks: the one holding the most Linears (or, on a
-    model whose experts are fused 3-D parameters, the most parameters), not an ``experts`` list; None
-    when the model has no such list with two or more members."""
+    model whose experts are fused 3-D parameters, the most parameters), not an ``experts`` list; lists
+    of two or more members first, a single-member list only when there is no longer one (a one-block
+    model); None when the model has no such list."""
     best = None
     for name, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) < 2 or name.rsplit(".", 1)[-1] == EXPERTS_LIST:
+        if not isinstance(m, nn.ModuleList) or not len(m) or name.rsplit(".", 1)[-1] == EXPERTS_LIST:
             continue
         n_linear = sum(isinstance(c, nn.Linear) for c in m.modules())
-        if n_linear and (best is None or n_linear > best[2]):
-            best = (name, m, n_linear)
+        key = (len(m) >= 2, n_linear)
+        if n_linear and (best is None or key > best[2]):
+            best = (name, m, key)
     return None if best is None else (best[0], best[1])
 
 

@@ -30,7 +30,7 @@ from ..formats.scales import (
     nvfp4_block_scale,
     tensor_amax,
 )
-from ..kernels.dispatch import gptq_kernel, quantize_parts
+from ..kernels.dispatch import quantize_parts, search_kernel
 
 WEIGHT_SCALE_METHODS = ("max", "mse", "4over6", "gptq")
 # the method of ``nvfp4kit quantize`` and of every library entry point that takes one
@@ -70,19 +70,29 @@ def _block_errors(xb: torch.Tensor, s_b: torch.Tensor, s_dec: torch.Tensor):
 
 
 def mse_weight_parts(w: torch.Tensor, global_amax=None, offsets=MSE_CODE_OFFSETS, rows_per_chunk: int = 1024,
-                     name: str = "weight") -> NVFP4Parts:
-    """NVFP4 parts whose block scales minimise each block's squared error among E4M3 candidates."""
+                     name: str = "weight", backend: str = "auto") -> NVFP4Parts:
+    """NVFP4 parts whose block scales minimise each block's squared error among E4M3 candidates.
+
+    Runs in the compiled CPU kernel where ``kernels.dispatch.search_kernel`` offers it (same bits
+    as the torch loop below, which ``backend="torch"`` forces)."""
     check_quantizable(w, name)
     if 0 not in offsets:
         offsets = (0, *offsets)
-    wf = w.detach().float()
-    s_enc = global_encode_scale(_amax_of(wf, global_amax))
+    s_enc = global_encode_scale(_amax_of(w, global_amax))
     s_dec = decode_from_encode(s_enc)
-    K = wf.shape[-1]
-    flat = wf.reshape(-1, K)
+    K = w.shape[-1]
+    flat = w.detach().reshape(-1, K)
+    kernel = search_kernel(flat[:0].float(), backend)  # the chunks are float32 on w's device
+    tables = kernel.ScaleTables(s_enc, s_dec, offsets) if kernel else None
     packed_rows, scale_rows = [], []
     for r0 in range(0, flat.shape[0], rows_per_chunk):
-        xb = flat[r0:r0 + rows_per_chunk].reshape(-1, K // BLOCK_SIZE, BLOCK_SIZE)
+        chunk = flat[r0:r0 + rows_per_chunk].float()
+        if kernel is not None:
+            packed, scale = kernel.mse_encode(chunk, tables)
+            packed_rows.append(packed)
+            scale_rows.append(scale.view(torch.float8_e4m3fn))
+            continue
+        xb = chunk.reshape(-1, K // BLOCK_SIZE, BLOCK_SIZE)
         s_max = nvfp4_block_scale(xb.abs().amax(-1), s_enc)
         best_codes, best_err = _block_errors(xb, s_max, s_dec)
         best_scale = s_max
@@ -99,9 +109,9 @@ def mse_weight_parts(w: torch.Tensor, global_amax=None, offsets=MSE_CODE_OFFSETS
             best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
             best_scale = torch.where(better, cand.float(), best_scale.float()).to(torch.float8_e4m3fn)
         packed_rows.append(pack_nibbles(best_codes.reshape(-1, K)))
-        scale_rows.append(best_scale)
-    packed = torch.cat(packed_rows).reshape(*wf.shape[:-1], K // 2)
-    block_scale = torch.cat(scale_rows).reshape(*wf.shape[:-1], K // BLOCK_SIZE)
+        scale_rows.append(best_scale.reshape(-1, K // BLOCK_SIZE))
+    packed = torch.cat(packed_rows).reshape(*w.shape[:-1], K // 2)
+    block_scale = torch.cat(scale_rows).reshape(*w.shape[:-1], K // BLOCK_SIZE)
     return NVFP4Parts(packed, block_scale, s_dec.reshape(()))
 
 
@@ -175,7 +185,7 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
     weights when the group starts: ``"max"`` (block max maps to 6) or ``"mse"`` (the E4M3
     candidate with the smallest squared error of the block, as the ``mse`` method does).
     Computes in float64 when ``w`` is float64, else float32, on ``w``'s device. The columns of a
-    lazy block run in the compiled CPU kernel where ``kernels.dispatch.gptq_kernel`` offers it
+    lazy block run in the compiled CPU kernel where ``kernels.dispatch.search_kernel`` offers it
     (float32 on CPU; same bits as the torch loop, which ``backend="torch"`` forces).
     """
     if group_scale not in ("max", "mse"):
@@ -196,8 +206,8 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
     U = _damped_inverse_cholesky(hessian.to(W.device), damp, dtype).contiguous()
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(N, K // BLOCK_SIZE, dtype=torch.uint8, device=W.device)
-    kernel = gptq_kernel(W, backend)
-    tables = kernel.GPTQTables(s_enc, s_dec, MSE_CODE_OFFSETS if group_scale == "mse" else ()) if kernel else None
+    kernel = search_kernel(W, backend)
+    tables = kernel.ScaleTables(s_enc, s_dec, MSE_CODE_OFFSETS if group_scale == "mse" else ()) if kernel else None
     for i1 in range(0, K, lazy_block):
         i2 = min(i1 + lazy_block, K)
         W1 = W[:, i1:i2].clone()

@@ -280,6 +280,41 @@ static double block_sq_err(const float *x, float enc, float deq) {
     return s[0];
 }
 
+/* The mse search of one block from its max-rule scale code s: the E4M3 codes s + offsets[k]
+   (clamped to [1, 126]; a zero block keeps 0), the first strictly lowest float64 error wins. */
+static inline uint32_t mse_scale(const float *x, uint32_t s, const float *enc_table, const float *deq_table,
+                                 const int32_t *offsets, int64_t n_off) {
+    if (n_off <= 0 || s == 0) return s;
+    double best = block_sq_err(x, enc_table[s], deq_table[s]);
+    uint32_t best_s = s;
+    for (int64_t k = 0; k < n_off; k++) {
+        int32_t cand = (int32_t)s + offsets[k];
+        cand = cand < 1 ? 1 : (cand > 126 ? 126 : cand);
+        double err = block_sq_err(x, enc_table[cand], deq_table[cand]);
+        if (err < best) { best = err; best_s = (uint32_t)cand; }
+    }
+    return best_s;
+}
+
+/* The mse weight-scale method on nb blocks of float32: per block the max-rule scale, the mse
+   search, then the codes at the chosen scale, packed two a byte. */
+void nvfp4_mse_encode_f32(const float *x, int64_t nb, float factor, const float *enc_table,
+                          const float *deq_table, const int32_t *offsets, int64_t n_off,
+                          uint8_t *packed, uint8_t *scale) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *p = x + b * 16;
+        uint32_t m = 0;
+        for (int j = 0; j < 16; j++) { uint32_t a = f2u(p[j]) & 0x7FFFFFFFu; m = a > m ? a : m; }
+        float v = u2f(m) * factor;
+        v = v < 448.0f ? v : 448.0f;
+        uint32_t s = mse_scale(p, e4m3_rtne(v), enc_table, deq_table, offsets, n_off);
+        scale[b] = (uint8_t)s;
+        float enc = enc_table[s];
+        for (int k = 0; k < 8; k++)
+            packed[b * 8 + k] = (uint8_t)(e2m1_code(f2u(p[2 * k]), enc) | (e2m1_code(f2u(p[2 * k + 1]), enc) << 4));
+    }
+}
+
 void nvfp4_gptq_block_f32(float *W, int64_t ldw, float *E, int64_t lde, const float *U, int64_t ldu,
                           int64_t L, int64_t r0, int64_t r1, uint8_t *codes, int64_t ldc,
                           uint8_t *scales, int64_t lds, float factor, const float *enc_table,
@@ -295,17 +330,7 @@ void nvfp4_gptq_block_f32(float *W, int64_t ldw, float *E, int64_t lde, const fl
             float v = u2f(m) * factor;
             v = v < 448.0f ? v : 448.0f;
             uint32_t s = e4m3_rtne(v);
-            if (n_off > 0 && s > 0) {
-                double best = block_sq_err(w + g0, enc_table[s], deq_table[s]);
-                uint32_t best_s = s;
-                for (int64_t k = 0; k < n_off; k++) {
-                    int32_t cand = (int32_t)s + offsets[k];
-                    cand = cand < 1 ? 1 : (cand > 126 ? 126 : cand);
-                    double err = block_sq_err(w + g0, enc_table[cand], deq_table[cand]);
-                    if (err < best) { best = err; best_s = (uint32_t)cand; }
-                }
-                s = best_s;
-            }
+            s = mse_scale(w + g0, s, enc_table, deq_table, offsets, n_off);
             sc[g0 / 16] = (uint8_t)s;
             float enc = enc_table[s], deq = deq_table[s];
             for (int64_t j = g0; j < g0 + 16; j++) {
@@ -429,6 +454,8 @@ def _declare(lib) -> None:
     lib.nvfp4_tile_amax.restype = None
     lib.nvfp4_gptq_block_f32.argtypes = [P, N, P, N, P, N, N, N, N, P, N, P, N, F32, P, P, P, N]
     lib.nvfp4_gptq_block_f32.restype = None
+    lib.nvfp4_mse_encode_f32.argtypes = [P, N, F32, P, P, P, N, P, P]
+    lib.nvfp4_mse_encode_f32.restype = None
     lib.nvfp4_e4m3_rtne_f32.argtypes = [P, N, P]
     lib.nvfp4_e4m3_rtne_f32.restype = None
 
@@ -669,14 +696,15 @@ def e4m3_rtne_kernel(v: torch.Tensor) -> torch.Tensor:
     return out.view(torch.float8_e4m3fn)
 
 
-# ----------------------------------------------------------------------------- GPTQ lazy blocks
+# ----------------------------------------------------------------------------- mse scales, GPTQ lazy blocks
 
 # rows x columns below which a lazy block runs on the calling thread
 GPTQ_PARALLEL_MIN = 1 << 15
 
 
-def gptq_available(W: torch.Tensor) -> bool:
-    """Whether :func:`gptq_lazy_block` runs this (float32, CPU) weight; the reference runs the rest."""
+def search_available(W: torch.Tensor) -> bool:
+    """Whether :func:`mse_encode` and :func:`gptq_lazy_block` run this (float32, CPU) tensor; the
+    reference runs the rest."""
     if W.device.type != "cpu" or W.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
     try:
@@ -686,10 +714,10 @@ def gptq_available(W: torch.Tensor) -> bool:
     return True
 
 
-class GPTQTables:
-    """The per-tensor constants of a GPTQ run: the float32 factor S_enc * (1/6) and, per E4M3
-    code, the encode multiplier and the decode scale ``fp32(s_b) * S_dec``, by the reference's
-    own functions."""
+class ScaleTables:
+    """The per-tensor constants of the mse search and GPTQ: the float32 factor S_enc * (1/6), per
+    E4M3 code the encode multiplier and the decode scale ``fp32(s_b) * S_dec`` (by the reference's
+    own functions), and the E4M3 code offsets tried (none: the max rule alone)."""
 
     def __init__(self, s_enc: torch.Tensor, s_dec: torch.Tensor, offsets: tuple[int, ...]):
         codes = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn)
@@ -699,8 +727,32 @@ class GPTQTables:
         self.offsets = torch.tensor([d for d in offsets if d != 0], dtype=torch.int32)
 
 
+def mse_encode(x: torch.Tensor, tables: "ScaleTables") -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes ``[..., K/2]`` and E4M3 scale bits ``[..., K/16]`` (uint8) of the ``mse`` method on a
+    float32 CPU tensor ``x`` ``[..., K]``, bit-identical to
+    :func:`nvfp4kit.calibrate.weight_scales.mse_weight_parts`; blocks split over threads."""
+    lib = _load()
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] % BLOCK_SIZE:
+        raise ValueError("mse_encode: needs a float32 CPU tensor whose last dim is a multiple of 16")
+    x = x.contiguous()
+    nb = x.numel() // BLOCK_SIZE
+    packed = torch.empty(nb * BLOCK_SIZE // 2, dtype=torch.uint8)
+    scale = torch.empty(nb, dtype=torch.uint8)
+    if nb == 0:
+        return packed.view(*x.shape[:-1], x.shape[-1] // 2), scale.view(*x.shape[:-1], 0)
+    xp, pp, sp = x.data_ptr(), packed.data_ptr(), scale.data_ptr()
+    tail = (tables.factor, tables.enc.data_ptr(), tables.deq.data_ptr(), tables.offsets.data_ptr(),
+            tables.offsets.numel())
+    # each block costs about ten quantize passes: split at a tenth of the quantizer's threshold
+    ranges = _ranges(nb * 10)
+    step = -(-nb // len(ranges))
+    ranges = [(s, min(nb, s + step)) for s in range(0, nb, step)]
+    _run(lambda s, e: lib.nvfp4_mse_encode_f32(xp + 4 * BLOCK_SIZE * s, e - s, *tail, pp + 8 * s, sp + s), ranges)
+    return packed.view(*x.shape[:-1], x.shape[-1] // 2), scale.view(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE)
+
+
 def gptq_lazy_block(W1: torch.Tensor, Err1: torch.Tensor, U1: torch.Tensor, codes: torch.Tensor,
-                    scales: torch.Tensor, tables: GPTQTables) -> None:
+                    scales: torch.Tensor, tables: ScaleTables) -> None:
     """One lazy block of GPTQ in place, bit-identical to the reference loop in
     :func:`nvfp4kit.calibrate.weight_scales.gptq_weight_parts`.
 

@@ -91,19 +91,20 @@ def quantize_parts(
     )
 
 
-def gptq_kernel(W: torch.Tensor, backend: Backend = "auto"):
-    """The compiled lazy-block GPTQ step (``kernels.cpu.gptq_lazy_block``) for the working weights
-    ``W``, or None where the reference loop runs (``backend="torch"``, other devices or dtypes, no
-    compiler). Both give identical bits; ``backend="compiled"`` raises when it cannot run."""
+def search_kernel(x: torch.Tensor, backend: Backend = "auto"):
+    """The compiled CPU module (``kernels.cpu``: ``mse_encode``, ``gptq_lazy_block``) for the mse
+    scale search and GPTQ's per-column loop on ``x``, or None where the torch reference runs them
+    (``backend="torch"``, other devices or dtypes, no compiler). Both give identical bits;
+    ``backend="compiled"`` raises when it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend in ("torch", "triton"):
         return None
     mod = _backend_module("compiled")
-    if mod.gptq_available(W):
+    if mod.search_available(x):
         return mod
     if backend == "compiled":
-        raise BackendUnavailable(f"the compiled GPTQ step runs float32 CPU weights only, not {W.dtype} on {W.device}")
+        raise BackendUnavailable(f"the compiled scale search runs float32 CPU tensors only, not {x.dtype} on {x.device}")
     return None
 
 
