@@ -304,3 +304,36 @@ def test_compiled_mse_on_a_big_tensor_over_threads():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(3, 700, 64, generator=g)
     assert _same_parts(mse_weight_parts(w, backend="torch"), mse_weight_parts(w, backend="compiled"))
+
+
+@pytest.mark.parametrize("K", [48, 700, 1100])
+def test_gptq_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(K):
+    from nvfp4kit.calibrate.weight_scales import gptq_hessian_factor
+
+    X = _correlated(2 * K, K, K).double()
+    X[:, 3] = 0.0  # a dead input: unit diagonal before damping
+    H = X.T @ X
+    U = gptq_hessian_factor(H, damp=0.01, dtype=torch.float64)
+    # the independent reference: damp the diagonal, invert explicitly, factor
+    Hd = H.clone()
+    d = torch.diagonal(Hd)
+    d[d <= 0] = 1.0
+    d += 0.01 * float(d.mean())
+    ref = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert torch.equal(U, torch.triu(U)) and bool((torch.diagonal(U) > 0).all())
+    assert torch.allclose(U, ref, rtol=1e-7, atol=1e-9 * float(ref.abs().max()))
+    U32 = gptq_hessian_factor(H.float())
+    assert U32.dtype == torch.float32 and torch.allclose(U32.double(), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_gptq_with_a_given_factor_is_gptq_with_its_hessian():
+    from nvfp4kit.calibrate.weight_scales import gptq_hessian_factor
+
+    X = _correlated(256, 64, 9)
+    H = X.T @ X
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(9))
+    a = nvfp4_weight_parts(w, "gptq", hessian=H)
+    b = nvfp4_weight_parts(w, "gptq", hessian=H, hessian_factor=gptq_hessian_factor(H))
+    assert _same_parts(a, b)
+    with pytest.raises(ValueError, match="factor must be"):
+        nvfp4_weight_parts(w, "gptq", hessian=H, hessian_factor=gptq_hessian_factor(H).double())

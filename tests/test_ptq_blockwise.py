@@ -322,3 +322,60 @@ def test_a_one_block_model_by_block_is_the_whole_model_too(sources, tmp_path, ti
     run_quantize(QuantizeJob(out=str(tmp_path / "whole"), load="whole", **job))
     _, path = run_quantize(QuantizeJob(out=str(tmp_path / "blocks"), load="blocks", **job))
     assert _same_folders(tmp_path / "whole", path)
+
+
+def test_unchanged_source_tensors_are_staged_as_references(sources, tmp_path, monkeypatch):
+    from nvfp4kit.checkpoint import staged
+
+    run_quantize(_job(sources, "hybrid", tmp_path / "whole", load="whole", sequential=True, weight_scale="max"))
+    monkeypatch.setattr(staged, "SOURCE_REFERENCE_MIN_BYTES", 0)  # the tiny model's tensors count as large
+    real = staged.StagedCheckpoint.finish
+    refs = []
+
+    def count_then_finish(self):
+        for piece in self.manifest["pieces"]:
+            with safe_open(str(self.dir / piece), "pt") as f:
+                refs.extend(e["name"] for e in json.loads(f.metadata()["nvfp4kit.entries"]) if "source" in e)
+        return real(self)
+
+    monkeypatch.setattr(staged.StagedCheckpoint, "finish", count_then_finish)
+    _, path = run_quantize(_job(sources, "hybrid", tmp_path / "blocks", load="blocks", weight_scale="max"))
+    assert "backbone.embeddings.weight" in refs and "lm_head.weight" in refs
+    assert _same_folders(tmp_path / "whole", path)  # references resolve to the same bytes
+    # a staged reference whose source tensor is gone is named
+    piece = tmp_path / "p.safetensors"
+    staged.write_piece(piece, [("tensor", "x", torch.ones(4))], source=None)
+    with safe_open(str(piece), "pt") as f:
+        assert "source" not in json.loads(f.metadata()["nvfp4kit.entries"])[0]
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    save_file({"x": torch.ones(4)}, str(src_dir / "model.safetensors"))
+    reader = staged._open_source(src_dir)
+    staged.write_piece(piece, [("tensor", "x", torch.ones(4))], source=reader)
+    assert [v for _, _, v in staged.read_piece(piece, reader)][0].equal(torch.ones(4))
+    with pytest.raises(CheckpointError, match="no longer has"):
+        list(staged.read_piece(piece, None))
+
+
+@pytest.mark.parametrize("load", ["whole", "blocks"])
+def test_each_unquantized_tensor_keeps_its_own_stored_dtype(sources, tmp_path, load):
+    """A bfloat16 Nemotron checkpoint keeps its routers' float32 score-correction bias in float32."""
+    src = tmp_path / "hybrid-bf16"
+    save_pretrained(build_model("micro", seed=3, dtype=torch.bfloat16), src)
+    char_tokenizer().save_pretrained(src)
+
+    def dtypes(folder):
+        out = {}
+        for f in folder.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: str(h.get_slice(k).get_dtype()) for k in h.keys()})
+        return out
+
+    given = dtypes(src)
+    assert {given[k] for k in given if k.endswith("e_score_correction_bias")} == {"F32"}
+    _, path = run_quantize(QuantizeJob(model=str(src), out=str(tmp_path / "q"), calib=str(sources["calib"]),
+                                       calib_samples=2, seq_len=16, scheme="w4a4", weight_scale="max", load=load))
+    got = dtypes(path)
+    kept = [k for k in given if got.get(k) not in (None, "U8", "F8_E4M3")]  # the unquantized tensors
+    assert any(k.endswith("e_score_correction_bias") for k in kept) and any(k.endswith("norm.weight") for k in kept)
+    assert {k: got[k] for k in kept} == {k: given[k] for k in kept}

@@ -139,6 +139,29 @@ def test_one_calibration_serves_every_method(tiny_llama):
         assert rec.input_amax == reused.qmodel.linears[n].input_amax
 
 
+def test_gptq_factors_each_shared_hessian_once_with_the_bits_of_one_factor_per_linear(tiny_llama, monkeypatch):
+    from nvfp4kit.calibrate import records
+    from nvfp4kit.calibrate.weight_scales import gptq_weight_parts
+
+    m = tiny_llama(vocab=128, layers=2, max_positions=128)
+    stats = calibrate_model(m, _samples(), "w4a4")
+    calls = []
+    real = records.gptq_hessian_factor
+    monkeypatch.setattr(records, "gptq_hessian_factor", lambda h, **kw: calls.append(h) or real(h, **kw))
+    q = quantize_model(m, None, "w4a4", "gptq", stats=stats).qmodel
+    # per block: q/k/v share one Hessian, gate/up one, o and down their own
+    assert len(calls) == 2 * 4 and len({id(h) for h in calls}) == 8
+    modules = dict(m.named_modules())
+    siblings = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
+    for n, rec in q.linears.items():  # the same bits as factoring the Hessian for every Linear
+        w = modules[n].weight.detach()
+        prefix, leaf = n.rsplit(".", 1)
+        group = next((g for g in siblings if leaf in g), (leaf,))
+        amax = max(float(modules[f"{prefix}.{s}"].weight.detach().abs().max()) for s in group)  # fused groups share it
+        alone = gptq_weight_parts(w, stats[n].hessian, global_amax=amax, group_scale="mse", name=n)
+        assert torch.equal(alone.packed, rec.nvfp4.packed), n
+
+
 def test_weight_scale_methods_lower_the_output_error_of_the_model(tiny_llama):
     m = tiny_llama(vocab=128, tie=True, max_positions=128, seed=2)
     samples = _samples(6, 48, 3)

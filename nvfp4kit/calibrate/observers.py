@@ -103,11 +103,10 @@ class Calibrator:
                 return
         key = self._hessian_key.setdefault(name, name)
         xf = x2.float()
-        h = xf.T @ xf
         if key in self._hessians:
-            self._hessians[key] += h
+            self._hessians[key].addmm_(xf.T, xf)  # in place: no K x K temporary per batch
         else:
-            self._hessians[key] = h
+            self._hessians[key] = xf.T @ xf
         self._batch_inputs.append((x, key))
 
     def _attach_experts(self, modules) -> None:

@@ -21,7 +21,7 @@ from ..formats.scales import tensor_amax
 from ..policy import PrecisionPlan, fused_groups
 from .observers import LinearStats
 from .sequential import block_layout
-from .weight_scales import DEFAULT_WEIGHT_SCALE, nvfp4_weight_parts
+from .weight_scales import DEFAULT_WEIGHT_SCALE, gptq_hessian_factor, nvfp4_weight_parts
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ def quantize_linears(model: nn.Module, plan: PrecisionPlan, stats: dict[str, Lin
         input_amax[n] = exact_input_amax(input_amax[n], act_range)
 
     records: dict[str, QuantizedLinearWeight] = {}
+    factor_of: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # siblings share one Hessian
     with progress.task(f"quantizing ({weight_scale})", total=len(names)) as t:
         for n in names:
             lp = plan.layers[n]
@@ -83,7 +84,14 @@ def quantize_linears(model: nn.Module, plan: PrecisionPlan, stats: dict[str, Lin
                 h = stats[n].hessian if (weight_scale == "gptq" and n in stats) else None
                 if weight_scale == "gptq" and (h is None or stats[n].n_tokens == 0):
                     raise ValueError(f"{n}: no calibration input reached this Linear, so gptq has no Hessian")
-                parts = nvfp4_weight_parts(w, weight_scale, global_amax=weight_amax[n], hessian=h, name=n)
+                factor = None
+                if h is not None:
+                    if factor_of[0] is not h:
+                        factor_of = (h, gptq_hessian_factor(h.to(w.device), dtype=torch.float64 if w.dtype == torch.float64
+                                                            else torch.float32))
+                    factor = factor_of[1]
+                parts = nvfp4_weight_parts(w, weight_scale, global_amax=weight_amax[n], hessian=h, name=n,
+                                           hessian_factor=factor)
                 records[n] = QuantizedLinearWeight("nvfp4", tuple(w.shape), nvfp4=parts, input_amax=in_amax, bias=bias)
             elif lp.format == "fp8":
                 q, s = fp8_quantize(w, weight_amax[n], name=n)

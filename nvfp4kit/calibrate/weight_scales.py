@@ -115,14 +115,37 @@ def mse_weight_parts(w: torch.Tensor, global_amax=None, offsets=MSE_CODE_OFFSETS
     return NVFP4Parts(packed, block_scale, s_dec.reshape(()))
 
 
-def _damped_inverse_cholesky(hessian: torch.Tensor, damp: float, dtype: torch.dtype) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; dead inputs get a unit diagonal."""
+def _lower_triangular_inverse(L: torch.Tensor) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]
+    (two thirds of the work of a triangular solve against the identity, all of it in matrix products)."""
+    n = L.shape[0]
+    if n <= 512:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = n // 2
+    a_inv = _lower_triangular_inverse(L[:h, :h])
+    c_inv = _lower_triangular_inverse(L[h:, h:])
+    out = torch.zeros_like(L)
+    out[:h, :h] = a_inv
+    out[h:, h:] = c_inv
+    out[h:, :h] = -(c_inv @ (L[h:, :h] @ a_inv))
+    return out
+
+
+def gptq_hessian_factor(hessian: torch.Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``H^-1 = U^T U``) that GPTQ
+    spreads errors with; inputs that never fired (zero diagonal) get a unit diagonal first. Weights that
+    share one Hessian (q/k/v, gate/up) share this factor.
+
+    With ``J`` the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky factorization
+    and one triangular inverse, instead of a factorization, an inversion and a second factorization."""
     H = hessian.to(dtype).clone()
     diag = torch.diagonal(H)
     dead = diag <= 0
     diag[dead] = 1.0
     mean_diag = float(diag.mean())
     diag += damp * mean_diag
+    H = H.flip(0, 1)
+    diag = torch.diagonal(H)
     for attempt in range(6):
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
@@ -130,8 +153,7 @@ def _damped_inverse_cholesky(hessian: torch.Tensor, damp: float, dtype: torch.dt
         diag += damp * mean_diag * (10 ** attempt)  # not positive definite: add more damping
     else:
         raise ValueError("gptq: the calibration Hessian is not positive definite even after damping")
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True)
+    return _lower_triangular_inverse(L).flip(0, 1).contiguous()
 
 
 def _mse_block_scale(xb: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor, offsets=MSE_CODE_OFFSETS):
@@ -178,7 +200,7 @@ def _gptq_lazy_block(W1, Err1, U1, codes, scales, s_enc, s_dec, group_scale: str
 
 def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, damp: float = 0.01,
                       lazy_block: int = 128, group_scale: str = "max", name: str = "weight",
-                      backend: str = "auto") -> NVFP4Parts:
+                      backend: str = "auto", factor: torch.Tensor | None = None) -> NVFP4Parts:
     """GPTQ on NVFP4 1x16 blocks (see the module docs). ``hessian``: ``[K, K]`` sum of ``x^T x``.
 
     ``group_scale``: how a 16-column group's block scales are chosen from the (error-updated)
@@ -186,7 +208,8 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
     candidate with the smallest squared error of the block, as the ``mse`` method does).
     Computes in float64 when ``w`` is float64, else float32, on ``w``'s device. The columns of a
     lazy block run in the compiled CPU kernel where ``kernels.dispatch.search_kernel`` offers it
-    (float32 on CPU; same bits as the torch loop, which ``backend="torch"`` forces).
+    (float32 on CPU; same bits as the torch loop, which ``backend="torch"`` forces). ``factor``: the
+    :func:`gptq_hessian_factor` of ``hessian`` when the caller already has it (weights sharing a Hessian).
     """
     if group_scale not in ("max", "mse"):
         raise ValueError(f"{name}: gptq group_scale must be 'max' or 'mse', got {group_scale!r}")
@@ -203,7 +226,11 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
     W = w.detach().to(dtype).clone()
     s_enc = global_encode_scale(_amax_of(w, global_amax)).to(W.device)
     s_dec = decode_from_encode(s_enc)
-    U = _damped_inverse_cholesky(hessian.to(W.device), damp, dtype).contiguous()
+    if factor is None:
+        factor = gptq_hessian_factor(hessian.to(W.device), damp, dtype)
+    elif factor.shape != (K, K) or factor.dtype != dtype:
+        raise ValueError(f"{name}: the Hessian factor must be [{K}, {K}] {dtype}, got {tuple(factor.shape)} {factor.dtype}")
+    U = factor.to(W.device)
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(N, K // BLOCK_SIZE, dtype=torch.uint8, device=W.device)
     kernel = search_kernel(W, backend)
@@ -224,8 +251,10 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
 
 
 def nvfp4_weight_parts(w: torch.Tensor, method: str = "max", global_amax=None, hessian: torch.Tensor | None = None,
-                       name: str = "weight", gptq_damp: float = 0.01) -> NVFP4Parts:
-    """Quantize a weight ``[N, K]`` to NVFP4 parts with one of ``WEIGHT_SCALE_METHODS``."""
+                       name: str = "weight", gptq_damp: float = 0.01,
+                       hessian_factor: torch.Tensor | None = None) -> NVFP4Parts:
+    """Quantize a weight ``[N, K]`` to NVFP4 parts with one of ``WEIGHT_SCALE_METHODS``
+    (``hessian_factor``: see :func:`gptq_weight_parts`'s ``factor``)."""
     if method == "max":
         return quantize_parts(w.detach(), global_amax=_amax_of(w, global_amax), name=name)
     if method == "4over6":
@@ -235,13 +264,15 @@ def nvfp4_weight_parts(w: torch.Tensor, method: str = "max", global_amax=None, h
     if method == "gptq":
         if hessian is None:
             raise ValueError(f"{name}: weight scale 'gptq' needs the calibration Hessian of this layer's inputs")
-        return gptq_weight_parts(w, hessian, global_amax, damp=gptq_damp, group_scale="mse", name=name)
+        return gptq_weight_parts(w, hessian, global_amax, damp=gptq_damp, group_scale="mse", name=name,
+                                 factor=hessian_factor)
     raise ValueError(f"weight scale method must be one of {', '.join(WEIGHT_SCALE_METHODS)}, got {method!r}")
 
 
 __all__ = [
     "DEFAULT_WEIGHT_SCALE",
     "WEIGHT_SCALE_METHODS",
+    "gptq_hessian_factor",
     "gptq_weight_parts",
     "mse_weight_parts",
     "nvfp4_weight_parts",

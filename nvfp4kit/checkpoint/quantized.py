@@ -178,13 +178,24 @@ def load_quantized(path) -> QuantizedModel:
 # ============================================================================= writing
 
 
+def stored_dtype(name: str, t: torch.Tensor, tensor_dtype: torch.dtype | None = None,
+                 tensor_dtypes: dict[str, torch.dtype] | None = None) -> torch.dtype:
+    """The dtype the unquantized tensor ``name`` is written in: its own entry of ``tensor_dtypes``,
+    else ``tensor_dtype``, else its dtype (non-floating tensors keep theirs)."""
+    if not t.is_floating_point():
+        return t.dtype
+    return (tensor_dtypes or {}).get(name) or tensor_dtype or t.dtype
+
+
 class RecordWriter:
     """Writes records (Linears, plain tensors, KV scales) in one format through a
     :class:`ShardedWriter`, then the configs; the directory appears only when all is written.
 
     ``strict_fused``: raise (True, the default) if fused groups (q/k/v, gate/up) do not share their
     weight global scale; otherwise log a warning. ``tensor_dtype``: the dtype floating tensors that are
-    not quantized (and biases) are stored in, e.g. the source model's own (None: as given).
+    not quantized (and biases) are stored in, e.g. the source model's own (None: as given);
+    ``tensor_dtypes``: per tensor name, a dtype that overrides it (the source's own for each tensor,
+    e.g. a float32 router bias in a bfloat16 checkpoint).
     """
 
     def __init__(
@@ -201,9 +212,11 @@ class RecordWriter:
         strict_fused: bool = True,
         sources=(),
         tensor_dtype: torch.dtype | None = None,
+        tensor_dtypes: dict[str, torch.dtype] | None = None,
     ):
         self.fmt = check_write_format(fmt)
         self.tensor_dtype = tensor_dtype
+        self.tensor_dtypes = dict(tensor_dtypes or {})
         self.fmod = mo if self.fmt == MODELOPT else ct
         if kv_cache_format not in (None, "fp8"):
             raise CheckpointError(f"kv_cache_format must be None or 'fp8', got {kv_cache_format!r}")
@@ -236,15 +249,14 @@ class RecordWriter:
                 raise
         return self.writer.__exit__(exc_type, exc, tb)
 
-    def _stored(self, t: torch.Tensor) -> torch.Tensor:
-        if self.tensor_dtype is not None and t.is_floating_point() and t.dtype != self.tensor_dtype:
-            return t.to(self.tensor_dtype)
-        return t
+    def _stored(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        dtype = stored_dtype(name, t, self.tensor_dtype, self.tensor_dtypes)
+        return t if t.dtype == dtype else t.to(dtype)
 
     def linear(self, name: str, lw: QuantizedLinearWeight) -> None:
         validate_linear(name, lw)
-        if lw.bias is not None and self.tensor_dtype is not None:
-            lw = dataclasses.replace(lw, bias=self._stored(lw.bias))
+        if lw.bias is not None:
+            lw = dataclasses.replace(lw, bias=self._stored(f"{name}.bias", lw.bias))
         scheme = scheme_of(lw)
         if scheme is None:
             self.bf16_linears.append(name)
@@ -261,7 +273,7 @@ class RecordWriter:
         self.writer.make_room(nbytes)
 
     def tensor(self, name: str, t: torch.Tensor) -> None:
-        self.writer.add(name, self._stored(t))
+        self.writer.add(name, self._stored(name, t))
 
     def kv(self, attn: str, k_amax: float, v_amax: float) -> None:
         if self.kv_cache_format != "fp8":
@@ -304,6 +316,7 @@ def save_quantized(
     overwrite: bool = False,
     strict_fused: bool = True,
     tensor_dtype: torch.dtype | None = None,
+    tensor_dtypes: dict[str, torch.dtype] | None = None,
 ) -> Path:
     """Write ``model`` as a modelopt HF (default) or compressed-tensors checkpoint directory.
 
@@ -312,7 +325,8 @@ def save_quantized(
     ``hf_quant_config.json`` (modelopt), tokenizer / generation files copied from
     ``model.source_dir``. Written to a temporary directory beside ``out_dir`` and renamed when
     complete. Refuses an existing ``out_dir`` unless ``overwrite``. ``tensor_dtype``: store the
-    unquantized floating tensors (and biases) in this dtype. Returns the output path.
+    unquantized floating tensors (and biases) in this dtype; ``tensor_dtypes``: per-name overrides
+    (see :class:`RecordWriter`). Returns the output path.
     """
     if not isinstance(model, QuantizedModel):
         raise TypeError(f"save_quantized: expected a QuantizedModel, got {type(model).__name__}")
@@ -330,6 +344,7 @@ def save_quantized(
         overwrite=overwrite,
         strict_fused=strict_fused,
         tensor_dtype=tensor_dtype,
+        tensor_dtypes=tensor_dtypes,
     ) as w:
         for kind, name, value in model.entries():
             if kind == "tensor":

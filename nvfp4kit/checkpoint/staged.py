@@ -4,7 +4,9 @@ resumes after the last finished unit and gives the same bytes as one that never 
 Layout of ``.OUT.partial/`` (a fixed name: the same command finds it again)::
 
     manifest.json             the job's signature, the units finished, the pieces, the resume state
-    piece-00000.safetensors   the entries of one unit (records in a format-independent layout)
+    piece-00000.safetensors   the entries of one unit (records in a format-independent layout; a large
+                              tensor equal to the source's tensor of the same name is stored as a
+                              reference to it, so embeddings and heads are not written twice)
     state-inputs.safetensors  what the next unit needs (the calibration activations between blocks)
     companions/               tokenizer, generation config, model card ... copied into the output
 
@@ -16,6 +18,7 @@ Nothing appears under the output name before that.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -25,7 +28,7 @@ import torch
 
 from ..formats.nvfp4 import NVFP4Parts
 from .errors import CheckpointError
-from .quantized import RecordWriter, check_write_format
+from .quantized import RecordWriter, check_write_format, stored_dtype
 from .types import QuantizedLinearWeight
 from .writer import DEFAULT_MAX_SHARD_BYTES, check_output_dir
 
@@ -45,15 +48,34 @@ def staging_dir(out) -> Path:
 # ----------------------------------------------------------------------------- pieces
 
 
-def write_piece(path: Path, entries: list[tuple[str, str, object]]) -> None:
+# tensors from this size up are looked up in the source (smaller ones are cheaper to store again)
+SOURCE_REFERENCE_MIN_BYTES = 1 << 20
+
+
+def _same_as_source(source, name: str, value: torch.Tensor, stored_dtype) -> bool:
+    """Whether the checkpoint's tensor ``name`` (``value`` written in ``stored_dtype``) is the source's."""
+    if source is None or name not in source or source.shape(name) != tuple(value.shape):
+        return False
+    dtype = stored_dtype(name, value) if stored_dtype is not None else value.dtype
+    if value.numel() * torch.empty((), dtype=dtype).element_size() < SOURCE_REFERENCE_MIN_BYTES:
+        return False
+    src = source.get(name)
+    return src.dtype == dtype and torch.equal(src, value.detach().cpu().to(dtype))
+
+
+def write_piece(path: Path, entries: list[tuple[str, str, object]], source=None, stored_dtype=None) -> None:
     """Store ``(kind, name, value)`` entries (plain tensors, Linear records, KV amaxes) in one
-    safetensors file, atomically."""
+    safetensors file, atomically. ``source``: a :class:`~nvfp4kit.checkpoint.reader.CheckpointReader`
+    of the source model; a large tensor that the checkpoint will hold exactly as the source's tensor
+    of the same name (written in ``stored_dtype(name, value)``) is stored as a reference."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     meta = []
     for i, (kind, name, value) in enumerate(entries):
-        if kind == "tensor":
+        if kind == "tensor" and _same_as_source(source, name, value, stored_dtype):
+            meta.append({"kind": kind, "name": name, "source": name})
+        elif kind == "tensor":
             tensors[f"{i}"] = value.detach().contiguous().clone()
             meta.append({"kind": kind, "name": name})
         elif kind == "kv":
@@ -72,8 +94,8 @@ def write_piece(path: Path, entries: list[tuple[str, str, object]]) -> None:
     os.replace(tmp, path)
 
 
-def read_piece(path: Path):
-    """The entries :func:`write_piece` stored, in order."""
+def read_piece(path: Path, source=None):
+    """The entries :func:`write_piece` stored, in order (references resolved from ``source``)."""
     from safetensors import safe_open
 
     try:
@@ -81,7 +103,13 @@ def read_piece(path: Path):
             meta = json.loads(f.metadata()[_META])
             for i, e in enumerate(meta):
                 kind, name = e["kind"], e["name"]
-                if kind == "tensor":
+                if kind == "tensor" and "source" in e:
+                    if source is None or e["source"] not in source:
+                        raise CheckpointError(f"staged piece {path} refers to the source tensor {e['source']!r}, "
+                                              "which the source no longer has; remove the staging folder and "
+                                              "start again")
+                    yield kind, name, source.get(e["source"])
+                elif kind == "tensor":
                     yield kind, name, f.get_tensor(f"{i}")
                 elif kind == "kv":
                     yield kind, name, (e["k"], e["v"])
@@ -104,24 +132,40 @@ def read_piece(path: Path):
 # ----------------------------------------------------------------------------- the staged checkpoint
 
 
+def _open_source(source_dir):
+    """A reader of the source's safetensors (closing each file after a read), or None (no folder, GGUF...)."""
+    from .reader import CheckpointReader
+
+    if source_dir is None or not Path(source_dir).is_dir():
+        return None
+    try:
+        return CheckpointReader(source_dir, max_open_files=0)
+    except CheckpointError:
+        return None
+
+
 class StagedCheckpoint:
     """A :class:`~nvfp4kit.calibrate.blockwise.RecordSink` that stages each unit as a piece and, at
     :meth:`finish`, writes the checkpoint (see the module docs).
 
     ``signature``: what must be equal for a staging folder to be resumed (the job's options and its
     source); a folder of another job is refused. ``overwrite`` starts again in any case.
+    ``source_dir``: the source model's safetensors folder, whose unchanged tensors the pieces refer to.
     """
 
     def __init__(self, out, fmt: str, signature: dict, *, config: dict, exclude_modules=(), kv_cache_format=None,
-                 max_shard_size=DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, tensor_dtype=None, sources=()):
+                 max_shard_size=DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, tensor_dtype=None, sources=(),
+                 source_dir=None, tensor_dtypes=None):
         self.out = check_output_dir(out, overwrite, sources)
         self.fmt = check_write_format(fmt)
         self.dir = staging_dir(self.out)
         self.signature = json.loads(json.dumps(signature))
         self.writer_options = dict(config=config, exclude_modules=list(exclude_modules),
                                    kv_cache_format=kv_cache_format, max_shard_size=max_shard_size,
-                                   overwrite=overwrite, tensor_dtype=tensor_dtype)
+                                   overwrite=overwrite, tensor_dtype=tensor_dtype, tensor_dtypes=tensor_dtypes)
         self.manifest = {"signature": self.signature, "units": 0, "pieces": [], "state": {}}
+        self._source = _open_source(source_dir)
+        self._stored_dtype = functools.partial(stored_dtype, tensor_dtype=tensor_dtype, tensor_dtypes=tensor_dtypes)
         self._entries: list = []
         existing = self._read_manifest()
         if overwrite and self.dir.exists():
@@ -187,7 +231,7 @@ class StagedCheckpoint:
             self._entries = []
             return
         piece = f"piece-{unit:05d}.safetensors"
-        write_piece(self.dir / piece, self._entries)
+        write_piece(self.dir / piece, self._entries, self._source, self._stored_dtype)
         self._entries = []
         saved = {}
         for key, value in state.items():
@@ -213,7 +257,7 @@ class StagedCheckpoint:
         """Write the checkpoint from the staged pieces and rename it into place; returns its path."""
         with RecordWriter(self.out, self.fmt, source_dir=str(self.companions), **self.writer_options) as w:
             for piece in self.manifest["pieces"]:
-                for kind, name, value in read_piece(self.dir / piece):
+                for kind, name, value in read_piece(self.dir / piece, self._source):
                     if kind == "tensor":
                         w.tensor(name, value)
                     elif kind == "linear":

@@ -53,7 +53,7 @@ def quantize_cmd(
     activation_memory: Optional[float] = typer.Option(
         None, "--activation-memory",
         help="block by block: GB of calibration activations kept in memory (the rest spills to disk beside "
-             "--out); default 15%% of the free memory"),
+             "--out); default 15 percent of the free memory"),
     max_shard_size: str = typer.Option(D.max_shard_size, "--max-shard-size", help="output shard size, e.g. 5GB"),
     weights_only_streaming: bool = typer.Option(
         False, "--weights-only-streaming",

@@ -141,6 +141,7 @@ class LoadedModel:
     quantized: QuantizedModel | None = None
     task: str = CAUSAL_LM  # CAUSAL_LM (perplexity) or ENCODER (embedding similarity)
     source_dtype: torch.dtype | None = None  # the dtype the checkpoint stores its weights in
+    source_dtypes: dict[str, torch.dtype] | None = None  # each stored tensor's own (a fp32 router bias...)
 
 
 def is_quantized_checkpoint(path: Path) -> bool:
@@ -217,7 +218,8 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
     model.eval()
     if torch.device(device).type != "cpu":
         model.to(device)
-    return LoadedModel(model, tok, str(p), kind, task=task, source_dtype=declared)
+    return LoadedModel(model, tok, str(p), kind, task=task, source_dtype=declared,
+                       source_dtypes=stored_float_dtypes(p) if p.is_dir() else None)
 
 
 def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -321,6 +323,20 @@ def reference_linear_weights(source: str | os.PathLike | None, device="cpu") -> 
 # ----------------------------------------------------------------------------- block by block from disk
 
 
+def stored_float_dtypes(folder) -> dict[str, torch.dtype]:
+    """The floating dtype of every tensor a safetensors checkpoint stores (from the headers); empty
+    when it has none (no safetensors: a GGUF file, a folder of other files)."""
+    from ..checkpoint import CheckpointError, CheckpointReader
+    from ..checkpoint.reader import ST_DTYPES
+
+    try:
+        with CheckpointReader(folder, max_open_files=0) as reader:
+            return {n: ST_DTYPES[reader.dtype_str(n)] for n in reader.names()
+                    if reader.dtype_str(n) in ("F16", "BF16", "F32", "F64")}
+    except CheckpointError:
+        return {}
+
+
 def stored_float_dtype(folder) -> torch.dtype | None:
     """The floating dtype a safetensors checkpoint stores most of its weights in (by bytes, from the
     headers), or None when it cannot tell (no safetensors, no floating tensor)."""
@@ -352,6 +368,7 @@ class BlockwiseModel:
     task: str = CAUSAL_LM
     source_dtype: torch.dtype | None = None
     generation_config: object = None
+    source_dtypes: dict[str, torch.dtype] | None = None  # each stored tensor's own dtype
 
 
 def _block_index(model: nn.Module, name: str) -> int | None:
@@ -567,7 +584,7 @@ def open_by_block(path: str | os.PathLike | None, dtype: torch.dtype = torch.flo
             model = NemotronForCausalLM(config, dtype=dtype)
         declared = stored_float_dtype(p)
         return BlockwiseModel(model.eval(), HybridBlockSource(p, dtype, device), tokenizer_or_none(p), str(p),
-                              "hybrid", CAUSAL_LM, declared)
+                              "hybrid", CAUSAL_LM, declared, source_dtypes=stored_float_dtypes(p))
     if p.is_file() and p.suffix == ".gguf":
         config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
         if hasattr(config, "quantization_config"):
@@ -604,4 +621,5 @@ def open_by_block(path: str | os.PathLike | None, dtype: torch.dtype = torch.flo
     else:
         tensors = _SafetensorsTensors(p)
     source = HFBlockSource(model, tensors, dtype, device, str(p))
-    return BlockwiseModel(model.eval(), source, tok, str(p), kind, model_class.kind, declared, gen)
+    return BlockwiseModel(model.eval(), source, tok, str(p), kind, model_class.kind, declared, gen,
+                          stored_float_dtypes(p) if kind == "hf" else None)

@@ -92,7 +92,7 @@ def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.P
         tensor_dtype = loaded.source_dtype
         result.qmodel.config = declare_dtype(result.qmodel.config, tensor_dtype)
         return Path(save_quantized(result.qmodel, out, format=fmt, overwrite=overwrite, max_shard_size=max_shard_size,
-                                   tensor_dtype=tensor_dtype))
+                                   tensor_dtype=tensor_dtype, tensor_dtypes=loaded.source_dtypes))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -302,7 +302,8 @@ def run_by_block(job: QuantizeJob, device: torch.device, t_start: float | None =
         sink = StagedCheckpoint(job.out, job.format, _signature(job, sequential, dtype, device, world),
                                 config=declare_dtype(config_dict(bw.model), tensor_dtype),
                                 exclude_modules=sorted(plan.excluded()), kv_cache_format=job.kv_cache,
-                                max_shard_size=job.max_shard_size, overwrite=job.overwrite, tensor_dtype=tensor_dtype)
+                                max_shard_size=job.max_shard_size, overwrite=job.overwrite, tensor_dtype=tensor_dtype,
+                                source_dir=bw.path, tensor_dtypes=bw.source_dtypes)
         stage_companions(sink.companions, bw.tokenizer, bw.generation_config, bw.path)
     del shapes_model
     resume = _resume_state(sink, budget, device) if sink is not None else None
