@@ -97,7 +97,7 @@ marks = []
 class Stream:
     def write(self, text):
         for line in text.splitlines():
-            if "block=" in line:
+            if "quantizing blocks:" in line:
                 marks.append((time.perf_counter() - t0, sampler.mark(), line.strip()))
     def flush(self):
         pass
@@ -386,8 +386,8 @@ def part_depth(run: Runner, tokenizer, lines: list[str]) -> None:
         "",
         "| blocks | checkpoint (GiB) | by block max: RSS (MiB) / time (s) | by block gptq: RSS / time | "
         "whole max: RSS / time | llm-compressor RTN: RSS / time | llm-compressor GPTQ: RSS / time | "
-        "time vs llmc (max, gptq) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "time vs llmc (max, gptq) | by block, peak RSS while the blocks run (max, gptq) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cells = []
@@ -395,8 +395,13 @@ def part_depth(run: Runner, tokenizer, lines: list[str]) -> None:
             v = r[k]
             cells.append("-" if v is None else ("fails: " + v["error"].split(":")[0] if "error" in v else
                                                 f"{v['peak_rss_mb']:.0f} / {v['wall_s']:.0f}"))
+        during = []
+        for k in ("blocks-max", "blocks-gptq"):
+            marks = _block_marks(r[k].get("marks", [])) if "error" not in r[k] else []
+            during.append(f"{max(rss for _, rss in marks):.0f}" if marks else "-")
         ratio = f"{_ratio(r['blocks-max'], r['llmc-max'], 'wall_s')}, {_ratio(r['blocks-gptq'], r['llmc-gptq'], 'wall_s')}"
-        lines.append(f"| {r['depth']} | {r['size'] / GIB:.2f} | " + " | ".join(cells) + f" | {ratio} |")
+        lines.append(f"| {r['depth']} | {r['size'] / GIB:.2f} | " + " | ".join(cells) + f" | {ratio} | "
+                     f"{', '.join(during)} |")
     ok = [r for r in rows if "error" not in r["blocks-max"]]
     if len(ok) >= 2:
         a, b = ok[0], ok[-1]
@@ -421,30 +426,29 @@ def part_8b(run: Runner, tokenizer, lines: list[str]) -> None:
         f"One block: {block_gb:.2f} GiB in bf16. {run.args.calib_samples} x {run.args.seq_len} calibration "
         "tokens, W4A4.",
         "",
-        "| run | wall time (s) | peak RSS (MiB) | per block (s) | output (GiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| run | wall time (s) | peak RSS (MiB) | peak RSS while the blocks run (MiB) | per block (s) | output (GiB) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for m, r in ours.items():
         per = "-" if "error" in r else f"{r['seconds'].get('blocks', 0) / 32:.1f}"
         gib = "-" if "error" in r else f"{r['out_bytes'] / GIB:.2f}"
+        marks = _block_marks(r.get("marks", [])) if "error" not in r else []
+        during = f"{max(rss for _, rss in marks):.0f}" if marks else "-"
         lines.append(f"| nvfp4kit `--load blocks`, {m} | {_cell(r, 'wall_s', '.0f')} | {_cell(r, 'peak_rss_mb', '.0f')} "
-                     f"| {per} | {gib} |")
+                     f"| {during} | {per} | {gib} |")
     if llmc is not None:
         lines.append(f"| llm-compressor {llmc.get('version', '')} sequential, RTN | {_cell(llmc, 'wall_s', '.0f')} | "
-                     f"{_cell(llmc, 'peak_rss_mb', '.0f')} | - | - |")
+                     f"{_cell(llmc, 'peak_rss_mb', '.0f')} | - | - | - |")
     lines.append("")
     if not run.args.keep:
         shutil.rmtree(src, ignore_errors=True)
 
 
 def _block_marks(marks: list) -> list[tuple[float, float]]:
-    """(seconds, peak RSS MiB) of each finished block, from the per-block progress lines."""
-    out, prev = [], None
-    for t, rss, _line in marks:
-        if prev is not None:
-            out.append((t - prev, rss))
-        prev = t
-    return out
+    """(seconds, peak RSS MiB) of each block, from the block-progress lines (one per finished block,
+    after the line that opens the count)."""
+    lines = [m for m in marks if "started" not in m[2]]
+    return [(t - t_prev, rss) for (t_prev, _, _), (t, rss, _) in zip(lines, lines[1:])]
 
 
 def part_super(run: Runner, tokenizer, lines: list[str]) -> None:
@@ -462,7 +466,6 @@ def part_super(run: Runner, tokenizer, lines: list[str]) -> None:
     Runner._say("nvfp4kit Super-shaped", r)
     out_bytes = folder_bytes(run.work / "out-ours") if "error" not in r else 0
     shutil.rmtree(run.work / "out-ours", ignore_errors=True)
-    kinds = list(pattern) + ["MTP*", "MTPE"]
     lines += [
         "### A Nemotron 3 Super-shaped checkpoint through the release recipe",
         "",
@@ -477,21 +480,27 @@ def part_super(run: Runner, tokenizer, lines: list[str]) -> None:
         lines += [f"The run failed: {r['error']}.", ""]
         return
     per = _block_marks(r["marks"])
+    names = {"M": "Mamba", "E": "MoE (512 experts)", "*": "attention"}
     lines += ["| block | type | time (s) | peak RSS during the block (MiB) |", "|---:|---|---:|---:|"]
     by_kind: dict[str, list[float]] = {}
-    for i, ((secs, rss), kind) in enumerate(zip(per, kinds)):
-        lines.append(f"| {i} | {kind} | {secs:.1f} | {rss:.0f} |")
-        by_kind.setdefault(kind.replace("MTP", ""), []).append(secs)
+    for i, ((secs, rss), kind) in enumerate(zip(per, pattern)):
+        lines.append(f"| {i} | {names[kind]} | {secs:.1f} | {rss:.0f} |")
+        by_kind.setdefault(kind, []).append(secs)
+    secs = r["seconds"]
+    lines.append(f"| - | the rest: MTP (attention + MoE, BF16), final norm, head | {secs.get('rest', 0):.1f} | - |")
     mean = {k: sum(v) / len(v) for k, v in by_kind.items()}
     counts = {k: SUPER_PATTERN.count(k) for k in "ME*"}
-    full = sum(counts[k] * mean.get(k, 0.0) for k in counts) + mean.get("*", 0) + mean.get("E", 0)
-    peak = max(rss for _, rss in per) if per else r["peak_rss_mb"]
+    fixed = secs.get("capture", 0) + secs.get("rest", 0) + secs.get("write", 0)
+    full = sum(counts[k] * mean.get(k, 0.0) for k in counts) + fixed
+    peak = max((rss for _, rss in per), default=r["peak_rss_mb"])
     lines += [
         "",
-        f"Whole run: {r['wall_s']:.0f}s, peak RSS {r['peak_rss_mb']:.0f} MiB, output {out_bytes / GIB:.2f} GiB. "
-        f"Extrapolated to the release's 88 blocks ({counts['M']} Mamba, {counts['E']} MoE, {counts['*']} attention) "
-        f"and its MTP at these per-type block times: {full / 3600:.1f} h on this machine; peak memory stays "
-        f"that of the largest block (~{peak / 1024:.1f} GiB), since nothing else grows with depth.",
+        f"Whole run: {r['wall_s']:.0f}s (capture {secs.get('capture', 0):.0f}s, blocks {secs.get('blocks', 0):.0f}s, "
+        f"rest {secs.get('rest', 0):.0f}s, write {secs.get('write', 0):.0f}s), peak RSS {r['peak_rss_mb']:.0f} MiB, "
+        f"output {out_bytes / GIB:.2f} GiB. Extrapolated to the release's 88 blocks ({counts['M']} Mamba, "
+        f"{counts['E']} MoE, {counts['*']} attention) at these per-type block times plus the same capture, rest and "
+        f"write: {full / 3600:.1f} h on this machine (plus the longer write of the bigger output). Peak memory stays that of the "
+        f"largest block (~{peak / 1024:.1f} GiB) plus one output shard, since nothing else grows with depth.",
         "",
     ]
     if not run.args.keep:
@@ -530,7 +539,7 @@ def _hf_folder(gguf: Path, dst: Path):
 
 
 def part_gptq(run: Runner, lines: list[str]) -> None:
-    from nvfp4kit.calibrate import load_text, tokenize
+    from nvfp4kit.calibrate import load_text, sample_bos, tokenize
     from nvfp4kit.evaluate import perplexity
     from nvfp4kit.pipelines.models import load_quantized_model
 
@@ -552,7 +561,8 @@ def part_gptq(run: Runner, lines: list[str]) -> None:
         src, loaded = _hf_folder(gguf, run.work / f"hf-{label}")
         run.samples(loaded.tokenizer)
         ids = tokenize(loaded.tokenizer, load_text(None, "eval"))[: run.args.eval_tokens]
-        fp32 = perplexity(loaded.model, ids, 512).ppl
+        bos = sample_bos(loaded.tokenizer)  # evaluation windows start with BOS when the tokenizer adds one
+        fp32 = perplexity(loaded.model, ids, 512, bos_id=bos).ppl
         del loaded
         out = run.work / "out-ours"
         shutil.rmtree(out, ignore_errors=True)
@@ -562,11 +572,11 @@ def part_gptq(run: Runner, lines: list[str]) -> None:
         print(f"  nvfp4kit {label} gptq ...", flush=True)
         ours = run_child(sys.executable, OURS, args, run.args.timeout)
         Runner._say(f"nvfp4kit {label}", ours)
-        p_ours = perplexity(load_quantized_model(out).model, ids, 512).ppl if "error" not in ours else math.nan
+        p_ours = perplexity(load_quantized_model(out).model, ids, 512, bos_id=bos).ppl if "error" not in ours else math.nan
         peer = run.llmc(src, "gptq", f"{label} GPTQModifier NVFP4")
         p_peer = math.nan
         if peer is not None and "error" not in peer:
-            p_peer = perplexity(load_quantized_model(peer["out"]).model, ids, 512).ppl
+            p_peer = perplexity(load_quantized_model(peer["out"]).model, ids, 512, bos_id=bos).ppl
         gap = f"{(p_ours / fp32 - 1) / (p_peer / fp32 - 1):.2f}x" if p_peer == p_peer and p_peer > fp32 else "-"
         lines.append(f"| {label} | {fp32:.3f} | {p_ours:.3f} / {_cell(ours, 'wall_s', '.0f')} | "
                      f"{p_peer:.3f} / {_cell(peer, 'wall_s', '.0f')} | {_ratio(ours, peer, 'wall_s')} | {gap} |")

@@ -15,7 +15,15 @@
 Which module gets which format is :mod:`nvfp4kit.policy`.
 """
 
-from .data import builtin_text, calibration_samples, load_text, token_samples, tokenize
+from .data import (
+    builtin_text,
+    calibration_samples,
+    leading_special_token,
+    load_text,
+    sample_bos,
+    token_samples,
+    tokenize,
+)
 from .emulation import EmulatedLinear, apply_kv_cache, apply_quantized
 from .kv_cache import KV_CACHE_FORMATS, attention_modules, kv_hooks, observe_kv_cache
 from .mixed import MixedPrecisionPlan, estimate_sensitivity, ptq_precision_plan, search_mixed_precision
@@ -45,6 +53,7 @@ __all__ = [
     "calibration_samples",
     "estimate_sensitivity",
     "kv_hooks",
+    "leading_special_token",
     "load_text",
     "needed_statistics",
     "nvfp4_weight_parts",
@@ -56,6 +65,7 @@ __all__ = [
     "quantize_model",
     "quantized_model",
     "search_mixed_precision",
+    "sample_bos",
     "token_samples",
     "tokenize",
     "unfuse_experts",

@@ -10,6 +10,13 @@ Sources (``load_text``):
 * a plain text file (``.txt``, ``.md``, ``.rst`` or no suffix): read as UTF-8.
 * a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, or a folder of such files: loaded with
   the ``datasets`` library, offline; the ``text`` column (or ``text_field``) is joined.
+
+BOS: a model whose tokenizer puts a token in front of every input (BOS for Llama 3, Gemma, Mistral;
+``[CLS]`` for BERT) has only ever seen inputs that start with it, and its first position is where
+activation outliers live. So, as lm-eval-harness and llama.cpp's perplexity do, every calibration
+sample and every evaluation window starts with that token when the tokenizer adds one
+(:func:`leading_special_token`); the text fills the rest. Tokenizers that add nothing in front
+(GPT-2, Qwen, SmolLM2) are unaffected. ``bos=False`` opts out.
 """
 
 from __future__ import annotations
@@ -84,22 +91,48 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def token_samples(token_ids: torch.Tensor, n_samples: int, seq_len: int) -> torch.Tensor:
-    """``[n, seq_len]`` consecutive, non-overlapping windows from the start of ``token_ids``.
+def leading_special_token(tokenizer) -> int | None:
+    """The id the tokenizer puts in front of an input when it adds its special tokens (BOS, or BERT's
+    ``[CLS]``), or None when it adds nothing in front."""
+    probe = "The quick brown fox"
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    without = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    if len(with_special) > len(without) and with_special[1:1 + len(without)] == without:
+        return int(with_special[0])
+    return None
+
+
+def sample_bos(tokenizer, bos: bool = True) -> int | None:
+    """The token every sample and evaluation window starts with: the tokenizer's leading special token
+    when ``bos`` (the default) and it adds one, else None."""
+    return leading_special_token(tokenizer) if bos and tokenizer is not None else None
+
+
+def token_samples(token_ids: torch.Tensor, n_samples: int, seq_len: int, bos_id: int | None = None) -> torch.Tensor:
+    """``[n, seq_len]`` consecutive, non-overlapping windows from the start of ``token_ids``; with
+    ``bos_id`` each row is that token followed by the next ``seq_len - 1`` tokens of the text.
 
     Raises when not even one window fits; returns fewer than ``n_samples`` rows when the text runs out
     (the caller reports how many it got).
     """
     if n_samples <= 0 or seq_len <= 0:
         raise ValueError(f"need a positive number of samples and sequence length, got {n_samples} x {seq_len}")
+    if bos_id is not None and seq_len < 2:
+        raise ValueError(f"a sample that starts with BOS needs at least 2 tokens, got --seq-len {seq_len}")
     ids = token_ids.reshape(-1)
-    n = min(n_samples, ids.numel() // seq_len)
+    width = seq_len - (bos_id is not None)
+    n = min(n_samples, ids.numel() // width)
     if n == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one sample of {seq_len}")
-    return ids[: n * seq_len].reshape(n, seq_len).clone()
+    rows = ids[: n * width].reshape(n, width)
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n, 1), bos_id, dtype=rows.dtype), rows], dim=1)
+    return rows.clone()
 
 
 def calibration_samples(tokenizer, source=None, n_samples: int = 64, seq_len: int = 256,
-                        text_field: str = "text") -> torch.Tensor:
-    """Tokenized calibration samples ``[n, seq_len]`` from a source (built-in by default)."""
-    return token_samples(tokenize(tokenizer, load_text(source, "calib", text_field)), n_samples, seq_len)
+                        text_field: str = "text", bos: bool = True) -> torch.Tensor:
+    """Tokenized calibration samples ``[n, seq_len]`` from a source (built-in by default), each
+    starting with the tokenizer's BOS when it adds one (``bos=False``: never)."""
+    return token_samples(tokenize(tokenizer, load_text(source, "calib", text_field)), n_samples, seq_len,
+                         sample_bos(tokenizer, bos))

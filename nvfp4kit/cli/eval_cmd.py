@@ -28,6 +28,7 @@ def eval_cmd(
     no_kv_cache: bool = typer.Option(
         False, "--no-kv-cache", help="ignore the checkpoint's FP8 KV-cache scales (keys/values in full precision)"),
     device: str = options.device(),
+    bos: bool = options.bos(),
 ) -> None:
     """Evaluate a model on a text.
 
@@ -41,7 +42,7 @@ def eval_cmd(
 
     try:
         r = run_eval(model, text, seq_len, max_tokens, weight_only=weight_only, against=against,
-                     max_sentences=max_sentences, kv_cache=not no_kv_cache, device=device)
+                     max_sentences=max_sentences, kv_cache=not no_kv_cache, device=device, bos=bos)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     out = Console()
@@ -53,6 +54,7 @@ def eval_cmd(
         return
     out.print(f"{r.model} ({r.kind}): perplexity {r.result.ppl:.4f} over {r.result.n_tokens} tokens "
               f"(mean NLL {r.result.nll:.4f}, {r.seconds:.1f}s)"
-              + (f", {r.kv_cache.upper()} KV cache emulated" if r.kv_cache else ""))
+              + (f", {r.kv_cache.upper()} KV cache emulated" if r.kv_cache else "")
+              + (f", windows start with BOS (token {r.result.bos_id})" if r.result.bos_id is not None else ""))
     if r.reference_result is not None:
         out.print(f"{r.reference} (reference): perplexity {r.reference_result.ppl:.4f}; gap {r.ppl_gap:+.2%}")

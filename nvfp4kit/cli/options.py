@@ -32,3 +32,9 @@ def seq_len(default: int, what: str = "tokens per calibration sample") -> typer.
 
 def device(default: str = "auto") -> typer.models.OptionInfo:
     return typer.Option(default, "--device", help=f"where to compute: {DEVICES} (auto: a GPU when there is one)")
+
+
+def bos(default: bool = True) -> typer.models.OptionInfo:
+    return typer.Option(default, "--bos/--no-bos",
+                        help="start every sample / evaluation window with the tokenizer's BOS when it adds one "
+                             "(as the model sees inputs in use; lm-eval-harness and llama.cpp do the same)")

@@ -48,6 +48,7 @@ def qat_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the latest training checkpoint in OUT.qat/"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
     device: str = options.device(D.device),
+    bos: bool = options.bos(D.bos),
 ) -> None:
     """Train through the NVFP4 quantizer (straight-through estimator) and export the quantized checkpoint."""
     from ..pipelines.qat import run_qat
@@ -57,7 +58,7 @@ def qat_cmd(
                  ce_weight=ce_weight, trainable=trainable, weight_amax=weight_amax, weight_scale=weight_scale,
                  calib_samples=calib_samples, eval_tokens=eval_tokens, ptq=ptq, weights_from_ptq=weights_from_ptq,
                  plan=plan, exclude=tuple(exclude), save_every=save_every, resume=resume, overwrite=overwrite,
-                 device=device)
+                 device=device, bos=bos)
     try:
         result = run_qat(job)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:

@@ -47,6 +47,7 @@ def quantize_cmd(
              "peak: one block + calibration activations + one shard; resumable: run the same command again); "
              "auto: whole when it fits in half the free memory of the device"),
     device: str = options.device(D.device),
+    bos: bool = options.bos(D.bos),
     dtype: str = typer.Option(
         D.dtype, "--dtype", help="compute dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, bfloat16, "
                                  "float16; statistics and scale searches are float32 in any case"),
@@ -68,7 +69,7 @@ def quantize_cmd(
                       calib_samples=calib_samples, seq_len=seq_len, exclude=tuple(exclude or ()), recipe=recipe,
                       overwrite=overwrite, bits_budget=bits_budget, kv_cache=kv_cache,
                       sequential=sequential, load=load, device=device, dtype=dtype,
-                      activation_memory=activation_memory, max_shard_size=max_shard_size)
+                      activation_memory=activation_memory, max_shard_size=max_shard_size, bos=bos)
     try:
         if weights_only_streaming:
             path = run_streaming(job)

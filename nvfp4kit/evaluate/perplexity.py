@@ -17,6 +17,7 @@ class Perplexity:
     ppl: float
     nll: float  # mean negative log-likelihood per predicted token (nats)
     n_tokens: int  # predicted tokens
+    bos_id: int | None = None  # the token every window started with (None: windows start in the text)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -30,11 +31,14 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, max_tokens: int | None = None,
-               desc: str = "perplexity") -> Perplexity:
-    """``exp(mean NLL)`` over windows of ``seq_len`` tokens; each window predicts its tokens 2..L.
+               desc: str = "perplexity", bos_id: int | None = None) -> Perplexity:
+    """``exp(mean NLL)`` over non-overlapping windows of ``seq_len`` tokens.
 
-    ``max_tokens`` caps how much of ``token_ids`` is used. A final partial window of at least two
-    tokens is evaluated too.
+    Without ``bos_id`` each window is ``seq_len`` tokens of the text and predicts its tokens 2..L.
+    With ``bos_id`` (the tokenizer's BOS, see :func:`nvfp4kit.calibrate.data.sample_bos`) each window is
+    BOS followed by ``seq_len - 1`` tokens of the text and predicts every one of them, as
+    lm-eval-harness's rolling log-likelihood does. ``max_tokens`` caps how much of ``token_ids`` is
+    used. A final partial window with at least one prediction is evaluated too.
     """
     if seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2, got {seq_len}")
@@ -47,14 +51,19 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, ma
         raise ValueError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
     model.eval()
     device = model_device(model)
-    starts = [s for s in range(0, ids.numel(), seq_len) if ids.numel() - s >= 2]
+    width = seq_len - 1 if bos_id is not None else seq_len
+    least = 1 if bos_id is not None else 2
+    starts = [s for s in range(0, ids.numel(), width) if ids.numel() - s >= least]
     total, count = 0.0, 0
     with progress.task(desc, total=len(starts)) as t:
         for s in starts:
-            window = ids[s:s + seq_len].unsqueeze(0).to(device)
+            window = ids[s:s + width]
+            if bos_id is not None:
+                window = torch.cat([window.new_full((1,), bos_id), window])
+            window = window.unsqueeze(0).to(device)
             nll = next_token_loss(causal_lm_logits(model, window), window, reduction="sum")
             total += float(nll)
             count += window.shape[1] - 1
             t.advance(1, ppl=math.exp(total / count))
     mean = total / count
-    return Perplexity(math.exp(mean), mean, count)
+    return Perplexity(math.exp(mean), mean, count, bos_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..calibrate.data import load_text, tokenize
+from ..calibrate.data import load_text, sample_bos, tokenize
 from ..evaluate.perplexity import Perplexity, perplexity
 from ..calibrate.ptq import DEFAULT_SCHEME, QuantizeResult
 from ..calibrate.weight_scales import DEFAULT_WEIGHT_SCALE
@@ -48,11 +48,13 @@ def run_demo(job: DemoJob | None = None) -> DemoResult:
     job = job or DemoJob()
     loaded = load_source_model(None)
     ids = tokenize(loaded.tokenizer, load_text(None, "eval"))
-    fp32 = perplexity(loaded.model, ids, job.eval_seq_len, job.eval_tokens, desc="perplexity (fp32)")
+    bos_id = sample_bos(loaded.tokenizer)  # as quantize and eval do
+    fp32 = perplexity(loaded.model, ids, job.eval_seq_len, job.eval_tokens, desc="perplexity (fp32)", bos_id=bos_id)
     qjob = QuantizeJob(model=None, out=job.out, format=job.format, scheme=job.scheme, weight_scale=job.weight_scale,
                        calib_samples=job.calib_samples, seq_len=job.seq_len, overwrite=job.overwrite)
     result, path = run_quantize(qjob, loaded)
     del loaded
     q = load_quantized_model(path)
-    quant = perplexity(q.model, ids, job.eval_seq_len, job.eval_tokens, desc=f"perplexity (NVFP4 {job.scheme})")
+    quant = perplexity(q.model, ids, job.eval_seq_len, job.eval_tokens, desc=f"perplexity (NVFP4 {job.scheme})",
+                       bos_id=bos_id)
     return DemoResult(path, fp32, quant, result)

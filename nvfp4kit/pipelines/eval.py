@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate.data import load_text, tokenize
+from ..calibrate.data import load_text, sample_bos, tokenize
 from ..evaluate.embedding import EmbeddingSimilarity, compare_embeddings, embed, pooling_mode, split_sentences
 from ..evaluate.perplexity import Perplexity, perplexity
 from ..devices import resolve_device
@@ -49,13 +49,14 @@ class EvalResult:
 
 def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max_tokens: int | None = None,
              loaded: LoadedModel | None = None, weight_only: bool = False, against: str | None = None,
-             max_sentences: int = 256, kv_cache: bool = True, device: str = "auto") -> EvalResult:
+             max_sentences: int = 256, kv_cache: bool = True, device: str = "auto", bos: bool = True) -> EvalResult:
     """Evaluate ``model`` on ``text`` (a file, a dataset file, or the built-in evaluation text).
 
     Causal LMs: perplexity over windows of ``seq_len`` tokens (and the reference's, with ``against``).
     Encoders: embedding cosine similarity to ``against`` (required) over up to ``max_sentences``
     sentences, each truncated to ``seq_len`` tokens. ``kv_cache=False`` leaves a checkpoint's FP8 KV
-    cache unemulated (keys/values in full precision). ``device``: auto | cpu | cuda | cuda:N.
+    cache unemulated (keys/values in full precision). ``device``: auto | cpu | cuda | cuda:N. ``bos``:
+    every perplexity window starts with the tokenizer's BOS when it adds one (False: windows start in the text).
     """
     dev = resolve_device(device)
     loaded = loaded or load_model(model, quantize_inputs=not weight_only, kv_cache=kv_cache, device=dev)
@@ -80,7 +81,8 @@ def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max
         return EvalResult(loaded.source, loaded.kind, ENCODER, None, time.perf_counter() - t0, ref.source,
                           similarity=compare_embeddings(emb, ref_emb))
     ids = tokenize(loaded.tokenizer, source_text)
-    res = perplexity(loaded.model, ids, seq_len, max_tokens, desc=f"perplexity ({loaded.kind})")
+    bos_id = sample_bos(loaded.tokenizer, bos)
+    res = perplexity(loaded.model, ids, seq_len, max_tokens, desc=f"perplexity ({loaded.kind})", bos_id=bos_id)
     ref_res = ref_source = None
     if against is not None:
         ref = load_model(against, device=dev)
@@ -90,7 +92,10 @@ def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max
         if not torch.equal(ref_ids, ids):
             raise ValueError(f"--against {against!r} tokenizes the text differently from --model {loaded.source!r}; "
                              "perplexities would not be comparable")
-        ref_res = perplexity(ref.model, ids, seq_len, max_tokens, desc=f"perplexity ({ref.kind})")
+        if ref.tokenizer is not None and sample_bos(ref.tokenizer, bos) != bos_id:
+            raise ValueError(f"--against {against!r} starts its inputs with another BOS than --model "
+                             f"{loaded.source!r}; perplexities would not be comparable")
+        ref_res = perplexity(ref.model, ids, seq_len, max_tokens, desc=f"perplexity ({ref.kind})", bos_id=bos_id)
         ref_source = ref.source
     kv = loaded.quantized.kv_cache_format if (kv_cache and loaded.quantized is not None
                                                and loaded.quantized.kv_cache_amax) else None

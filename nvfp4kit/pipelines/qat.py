@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import progress
-from ..calibrate.data import load_text, tokenize
+from ..calibrate.data import load_text, sample_bos, token_samples, tokenize
 from ..calibrate.mixed import MixedPrecisionPlan
 from ..calibrate.qat import (
     QATLoss,
@@ -60,24 +60,28 @@ MIN_LR_RATIO = 0.1
 # ----------------------------------------------------------------------------- data
 
 
-def split_tokens(tokens: torch.Tensor, eval_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training part, held-out evaluation windows ``[n, seq_len]`` from the end of the text)."""
+def split_tokens(tokens: torch.Tensor, eval_tokens: int, seq_len: int,
+                 bos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training part, held-out evaluation windows ``[n, seq_len]`` from the end of the text); with
+    ``bos_id`` each window is BOS and ``seq_len - 1`` tokens of the text."""
     n_eval = eval_tokens // seq_len
     if n_eval <= 0:
         return tokens, tokens.new_zeros((0, seq_len))
-    held = n_eval * seq_len
-    if tokens.numel() - held < 2 * seq_len:
+    width = seq_len - (bos_id is not None)
+    held = n_eval * width
+    if tokens.numel() - held < 2 * width:
         raise ValueError(f"the data has {tokens.numel()} tokens: too few to hold out {held} for evaluation "
                          f"and still train on windows of {seq_len}")
-    return tokens[:-held], tokens[-held:].reshape(n_eval, seq_len).clone()
+    return tokens[:-held], token_samples(tokens[-held:], n_eval, seq_len, bos_id)
 
 
-def training_windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Non-overlapping ``[n, seq_len]`` windows from the start of ``tokens`` (the tail shorter than one is dropped)."""
-    n = tokens.numel() // seq_len
-    if n < 1:
+def training_windows(tokens: torch.Tensor, seq_len: int, bos_id: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows from the start of ``tokens`` (the tail shorter than one is
+    dropped); with ``bos_id`` each window is BOS and ``seq_len - 1`` tokens of the text."""
+    width = seq_len - (bos_id is not None)
+    if tokens.numel() < width:
         raise ValueError(f"the training text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
-    return tokens[: n * seq_len].reshape(n, seq_len).clone()
+    return token_samples(tokens, tokens.numel() // width, seq_len, bos_id)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -113,6 +117,7 @@ class QATJob:
     resume: bool = False
     overwrite: bool = False
     device: str = "auto"
+    bos: bool = True  # every window starts with the tokenizer's BOS when it adds one
 
     def check(self) -> None:
         if self.steps < 0:
@@ -210,7 +215,7 @@ def state_dir(out: str) -> Path:
 def job_signature(job: QATJob) -> dict:
     """The options that must be equal for a run to be resumed."""
     keep = ("model", "data", "distill", "scheme", "lr", "warmup", "weight_decay", "batch_size", "seq_len", "seed",
-            "temperature", "ce_weight", "trainable", "weight_amax", "weight_scale", "ptq", "plan", "exclude", "steps")
+            "temperature", "ce_weight", "trainable", "weight_amax", "weight_scale", "ptq", "plan", "exclude", "steps", "bos")
     d = asdict(job)
     return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
 
@@ -300,8 +305,12 @@ def run_qat(job: QATJob) -> QATResult:
         model, tok = load_causal_lm(job.model, device=device)
         t.advance(1)
     tokens = tokenize(tok, load_text(job.data, "calib"))
-    train_tokens, eval_windows = split_tokens(tokens, job.eval_tokens, job.seq_len)
-    windows = training_windows(train_tokens, job.seq_len)
+    bos_id = sample_bos(tok, job.bos)
+    if bos_id is not None:
+        progress.log(f"every training, calibration and evaluation window starts with BOS (token {bos_id}), as the "
+                     "tokenizer adds it (--no-bos to leave it out)")
+    train_tokens, eval_windows = split_tokens(tokens, job.eval_tokens, job.seq_len, bos_id)
+    windows = training_windows(train_tokens, job.seq_len, bos_id)
     n_cal = min(job.calib_samples, windows.shape[0])
     calib = windows[:n_cal] if n_cal else None
     teacher = frozen_teacher(model) if job.distill else None

@@ -33,7 +33,7 @@ from torch import nn
 from .. import progress
 from ..calibrate.activations import ActivationStore
 from ..calibrate.blockwise import ResumeState, quantize_by_block
-from ..calibrate.data import calibration_samples
+from ..calibrate.data import calibration_samples, sample_bos
 from ..calibrate.kv_cache import attention_modules, check_kv_cache_format
 from ..calibrate.moe import unfuse_experts
 from ..calibrate.ptq import DEFAULT_SCHEME, QuantizeResult, check_plan, check_weight_scale, plan_model, quantize_model
@@ -75,6 +75,7 @@ class QuantizeJob:
     dtype: str = "auto"  # compute dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, bfloat16, float16
     activation_memory: float | None = None  # GB of calibration activations kept in memory by block (None: auto)
     max_shard_size: str = "5GB"
+    bos: bool = True  # calibration samples start with the tokenizer's BOS when it adds one
 
 
 def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.PathLike, fmt: str,
@@ -124,7 +125,11 @@ def _samples(job: QuantizeJob, tokenizer, model, source: str):
     check_sequence_length(model, job.seq_len)
     if tokenizer is None:
         raise ValueError(f"--model {source!r} has no tokenizer files, needed to tokenize the calibration text")
-    samples = calibration_samples(tokenizer, job.calib, job.calib_samples, job.seq_len)
+    samples = calibration_samples(tokenizer, job.calib, job.calib_samples, job.seq_len, bos=job.bos)
+    bos_id = sample_bos(tokenizer, job.bos)
+    if bos_id is not None:
+        progress.log(f"calibration samples start with BOS (token {bos_id}), as the tokenizer adds it "
+                     "(--no-bos to leave it out)")
     if samples.shape[0] < job.calib_samples:
         progress.log(f"calibration text gave {samples.shape[0]} samples of {job.seq_len} tokens "
                      f"(asked for {job.calib_samples})")
@@ -231,7 +236,7 @@ def _source_identity(path) -> list:
 
 def _signature(job: QuantizeJob, sequential: bool, dtype: torch.dtype, device: torch.device, world: int) -> dict:
     keep = ("model", "format", "scheme", "weight_scale", "calib", "calib_samples", "seq_len", "exclude", "recipe",
-            "kv_cache", "max_shard_size")
+            "kv_cache", "max_shard_size", "bos")
     d = asdict(job)
     sig = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
     sig.update(sequential=sequential, dtype=str(dtype), device=device.type, world=world,
