@@ -7,9 +7,10 @@ and evaluation parts are disjoint), in one run:
 * embedding cosine similarity to fp32 (mean and minimum over the sentences, and how often each
   sentence's nearest neighbour among the others stays the same) of W4A16 and W4A4 for each
   nvfp4kit weight-scale method (one shared calibration run),
-* llm-compressor ``oneshot`` with its ``NVFP4`` scheme on the same calibration tokens (a child
-  process; ``--llmc-python`` points at an environment that has it), evaluated with the same
-  emulation, and torchao's NVFP4 weights (``NVFP4Tensor.to_nvfp4``, max scaling, weight-only).
+* llm-compressor ``oneshot`` on the same calibration tokens (a child process per method;
+  ``--llmc-python`` points at an environment that has it): its ``NVFP4`` preset (round to nearest)
+  and ``GPTQModifier`` with the ``NVFP4`` scheme (its best method that runs on CPU), evaluated with
+  the same emulation, and torchao's NVFP4 weights (``NVFP4Tensor.to_nvfp4``, max scaling, weight-only).
 
 Usage: python bench/encoder.py [--calib-samples 32] [--seq-len 128] [--sentences 512]
 """
@@ -36,18 +37,20 @@ LLMC_CHILD = r'''
 import json, sys, time
 import torch
 from safetensors.torch import load_file
-model_dir, samples_file, out, threads = sys.argv[1:5]
+model_dir, samples_file, out, threads, recipe_name = sys.argv[1:6]
 torch.set_num_threads(int(threads))
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 from transformers import AutoModel, AutoTokenizer
 model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
 tok = AutoTokenizer.from_pretrained(model_dir)
 ids = load_file(samples_file)["input_ids"]
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 t0 = time.perf_counter()
-oneshot(model=model, processor=tok, dataset=ds, recipe=QuantizationModifier(targets="Linear", scheme="NVFP4"),
+recipe = (GPTQModifier(targets="Linear", scheme="NVFP4") if recipe_name == "gptq"
+          else QuantizationModifier(targets="Linear", scheme="NVFP4"))
+oneshot(model=model, processor=tok, dataset=ds, recipe=recipe,
         num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1])
 t1 = time.perf_counter()
 model.save_pretrained(out, save_compressed=True)
@@ -125,14 +128,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="encoder-bench-"))
     if not args.skip_llmc:
         save_file({"input_ids": samples.contiguous()}, str(work / "samples.safetensors"))
-        try:
-            t = run_child(args.llmc_python, LLMC_CHILD, [str(src), str(work / "samples.safetensors"),
-                                                         str(work / "llmc"), str(args.threads)])
-            for scheme, with_inputs in (("W4A16", False), ("W4A4", True)):
-                q = load_quantized_model(work / "llmc", quantize_inputs=with_inputs)
-                score(q.model, f"llm-compressor {scheme}", f"oneshot NVFP4 {t['version']}", t["quantize_s"])
-        except RuntimeError as e:
-            print(f"llm-compressor run failed; its rows are left out:\n{e}", flush=True)
+        for name, what in (("rtn", "NVFP4 preset (RTN)"), ("gptq", "GPTQModifier NVFP4")):
+            try:
+                t = run_child(args.llmc_python, LLMC_CHILD, [str(src), str(work / "samples.safetensors"),
+                                                             str(work / f"llmc-{name}"), str(args.threads), name])
+                for scheme, with_inputs in (("W4A16", False), ("W4A4", True)):
+                    q = load_quantized_model(work / f"llmc-{name}", quantize_inputs=with_inputs)
+                    score(q.model, f"llm-compressor {scheme} {name}", f"{what} {t['version']}", t["quantize_s"])
+            except RuntimeError as e:
+                print(f"llm-compressor {name} failed; its rows are left out:\n{e}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
     lines = [

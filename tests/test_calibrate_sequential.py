@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+
+from nvfp4kit.calibrate.transforms import Transforms
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -193,7 +195,7 @@ def test_cli_sequential_writes_the_sequential_records(tiny_llama, tmp_path):
     # the same records as the library call on the same calibration samples
     model = LlamaForCausalLM.from_pretrained(str(src)).eval()
     ids = calibration_samples(tok, str(text), 4, 24)
-    ref = quantize_model(model, ids, "w4a4", "gptq", sequential=True).qmodel
+    ref = quantize_model(model, ids, "w4a4", "gptq", sequential=True, transforms=Transforms()).qmodel  # CLI defaults
     for name, rec in ref.linears.items():
         assert torch.equal(seq[f"{name}.weight"], rec.nvfp4.packed), name
     assert torch.equal(seq["model.layers.0.mlp.down_proj.weight"], one["model.layers.0.mlp.down_proj.weight"])

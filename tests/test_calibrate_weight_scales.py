@@ -337,3 +337,59 @@ def test_gptq_with_a_given_factor_is_gptq_with_its_hessian():
     assert _same_parts(a, b)
     with pytest.raises(ValueError, match="factor must be"):
         nvfp4_weight_parts(w, "gptq", hessian=H, hessian_factor=gptq_hessian_factor(H).double())
+
+
+def _reference_gptq_act_order(w, H, damp=0.01):
+    """Float64 OBQ loop in decreasing-diag(H) order with every block scale fixed up front (max rule) on
+    the original weights: explicit inverse-Hessian (Schur complement) updates, no Cholesky."""
+    W = w.double().clone()
+    N, K = W.shape
+    H = H.double().clone()
+    d = torch.diagonal(H)
+    d[d <= 0] = 1.0
+    d += damp * float(d.mean())
+    s_enc = global_encode_scale(w.abs().amax())
+    s_dec = (1.0 / s_enc).double()
+    step = (nvfp4_block_scale(W.reshape(N, K // 16, 16).abs().amax(-1).float(), s_enc).double() * s_dec)
+    step = step.repeat_interleave(16, 1)
+    order = sorted(range(K), key=lambda j: (-float(torch.diagonal(H)[j]), j))
+    vals = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)
+    Hinv = torch.linalg.inv(H)
+    Q = torch.zeros_like(W)
+    left = list(order)
+    for i in order:
+        x = (W[:, i] / step[:, i]).nan_to_num(0.0)
+        q = vals[(x.abs().clamp(max=6).unsqueeze(-1) - vals).abs().argmin(-1)] * torch.sign(x) * step[:, i]
+        Q[:, i] = q
+        left.remove(i)
+        e = (W[:, i] - q) / Hinv[i, i]
+        W[:, left] -= e.unsqueeze(1) * Hinv[i, left].unsqueeze(0)
+        Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]
+    return Q
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gptq_activation_order_matches_dense_reference(seed):
+    from nvfp4kit.calibrate.weight_scales import gptq_column_order, gptq_factor, gptq_hessian_factor
+
+    X = _correlated(512, 64, seed).double()
+    X = X[:, torch.randperm(64, generator=torch.Generator().manual_seed(seed))]  # energy not left to right
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(200 + seed), dtype=torch.float64)
+    H = X.T @ X
+    perm = gptq_column_order(H)
+    assert torch.equal(torch.diagonal(H)[perm], torch.diagonal(H).sort(descending=True).values)
+    assert torch.equal(gptq_factor(H, act_order=True, dtype=torch.float64),
+                       gptq_hessian_factor(H[perm][:, perm], dtype=torch.float64))
+    p = gptq_weight_parts(w, H, lazy_block=32, act_order=True)
+    # block scales fixed on the original weights: exactly the max rule's
+    assert torch.equal(p.block_scale.view(torch.uint8), quantize_parts(w).block_scale.view(torch.uint8))
+    got, ref = _deq(p), _reference_gptq_act_order(w, H)
+    same = torch.isclose(got, ref, rtol=1e-6, atol=0)
+    assert same.double().mean() > 0.995
+    assert abs(float((X @ (w - got).T).norm() - (X @ (w - ref).T).norm())) <= 0.02 * float((X @ (w - ref).T).norm())
+    # and it is GPTQ: much better than round to nearest with the same scales on these inputs
+    rtn = dequantize_parts(*_parts_tuple(quantize_parts(w)))
+    assert (X @ (w - got).T).norm() < 0.85 * (X @ (w - rtn).T).norm()
+    # the mse group rule picks the mse method's scales of the original weights
+    pm = gptq_weight_parts(w.float(), H, group_scale="mse", act_order=True)
+    assert torch.equal(pm.block_scale.view(torch.uint8), mse_weight_parts(w.float()).block_scale.view(torch.uint8))

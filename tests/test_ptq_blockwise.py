@@ -247,7 +247,7 @@ def test_two_ranks_give_the_statistics_of_one_process(sources, tmp_path, method)
     """torchrun with 2 CPU ranks (gloo): each rank calibrates half the samples, statistics are reduced;
     the same modules and formats, equal scales, and weights equal up to the Hessian summation order."""
     job = dict(model=str(sources["llama"]), calib=str(sources["calib"]), calib_samples=4, seq_len=24,
-               scheme="w4a4", weight_scale=method, load="blocks")
+               scheme="w4a4", weight_scale=method, load="blocks", smooth="none")
     one = tmp_path / "one"
     run_quantize(QuantizeJob(out=str(one), **job))
     script = tmp_path / "dp.py"

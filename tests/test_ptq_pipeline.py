@@ -146,8 +146,8 @@ def test_gptq_factors_each_shared_hessian_once_with_the_bits_of_one_factor_per_l
     m = tiny_llama(vocab=128, layers=2, max_positions=128)
     stats = calibrate_model(m, _samples(), "w4a4")
     calls = []
-    real = records.gptq_hessian_factor
-    monkeypatch.setattr(records, "gptq_hessian_factor", lambda h, **kw: calls.append(h) or real(h, **kw))
+    real = records.gptq_factor
+    monkeypatch.setattr(records, "gptq_factor", lambda h, **kw: calls.append(h) or real(h, **kw))
     q = quantize_model(m, None, "w4a4", "gptq", stats=stats).qmodel
     # per block: q/k/v share one Hessian, gate/up one, o and down their own
     assert len(calls) == 2 * 4 and len({id(h) for h in calls}) == 8
@@ -198,13 +198,20 @@ def test_every_moe_expert_gets_a_scale():
 
 
 @pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
-def test_written_checkpoint_reloads_to_the_same_emulated_model(model_dir, tmp_path, fmt):
+@pytest.mark.parametrize("smooth,rotate", [("none", False), ("awq", False), ("awq", True)])
+def test_written_checkpoint_reloads_to_the_same_emulated_model(model_dir, tmp_path, fmt, smooth, rotate):
+    # transforms change the weights in place (same full-precision function): the checkpoint must hold
+    # exactly the model that was quantized, folded norms and an untied rotated head included
+    from nvfp4kit.pipelines.models import load_source_model
+
     job = QuantizeJob(model=str(model_dir), out=str(tmp_path / "q"), format=fmt, scheme="w4a4",
-                      weight_scale="mse", calib=str(model_dir / "calib.txt"), calib_samples=4, seq_len=32)
-    result, path = run_quantize(job)
+                      weight_scale="mse", calib=str(model_dir / "calib.txt"), calib_samples=4, seq_len=32,
+                      smooth=smooth, rotate=rotate)
+    source = load_source_model(str(model_dir))
+    result, path = run_quantize(job, source)
     assert result.n_calib_tokens == 128
     loaded = load_quantized_model(path)
-    fresh = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    fresh = source.model.eval()
     apply_quantized(fresh, result.qmodel)
     ids = _samples(1, 40, 5)
     with torch.no_grad():
@@ -219,7 +226,7 @@ def test_transformers_loads_compressed_tensors_export_like_weight_only_emulation
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     job = QuantizeJob(model=str(model_dir), out=str(tmp_path / "ct"), format="compressed-tensors", scheme="w4a16",
-                      weight_scale="max")
+                      weight_scale="max", smooth="none")  # compared below with the unsmoothed source
     result, path = run_quantize(job)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                               quantization_config=CompressedTensorsConfig(run_compressed=False))

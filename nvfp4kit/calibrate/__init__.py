@@ -7,6 +7,8 @@
 * :mod:`.observers` - input amax and GPTQ Hessians per Linear (every MoE expert on every token);
 * :mod:`.kv_cache` - the post-RoPE key/value amax of every attention (static FP8 KV cache);
 * :mod:`.weight_scales` - how a weight becomes NVFP4: ``max``, ``mse``, ``4over6``, ``gptq``;
+* :mod:`.transforms` - function-preserving transforms before quantization: :mod:`.smoothing` (AWQ /
+  SmoothQuant per-channel scales, per block) and :mod:`.rotation` (the offline Hadamard rotation);
 * :mod:`.sequential` - a model's block structure; :mod:`.activations` - activations between blocks;
 * :mod:`.emulation` - Linears computing with records;
 * :mod:`.mixed` - the mixed-precision search under a bits budget; :mod:`.qat` - QAT / QAD;
@@ -25,6 +27,7 @@ from .data import (
     tokenize,
 )
 from .emulation import EmulatedLinear, apply_kv_cache, apply_quantized
+from .transforms import DEFAULT_ROTATE, DEFAULT_SMOOTH, SMOOTHING_METHODS, Transforms
 from .kv_cache import KV_CACHE_FORMATS, attention_modules, kv_hooks, observe_kv_cache
 from .mixed import MixedPrecisionPlan, estimate_sensitivity, ptq_precision_plan, search_mixed_precision
 from .moe import unfuse_experts
@@ -36,6 +39,10 @@ from .weight_scales import DEFAULT_WEIGHT_SCALE, WEIGHT_SCALE_METHODS, nvfp4_wei
 
 __all__ = [
     "Calibrator",
+    "DEFAULT_ROTATE",
+    "DEFAULT_SMOOTH",
+    "SMOOTHING_METHODS",
+    "Transforms",
     "DEFAULT_SCHEME",
     "DEFAULT_WEIGHT_SCALE",
     "EmulatedLinear",

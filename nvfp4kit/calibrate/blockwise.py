@@ -57,6 +57,7 @@ from .observers import Calibrator, LinearStats, reduce_statistics
 from .records import kv_after, needed_statistics, quantize_linears, state_entries, tied_duplicates
 from .sequential import BlockLayout, StopForward, block_layout
 from .surgery import restore_modules
+from .transforms import smooth_block
 from .weight_scales import DEFAULT_WEIGHT_SCALE
 
 
@@ -310,6 +311,7 @@ def quantize_by_block(
     device: torch.device | str | None = None,
     resume: ResumeState | None = None,
     keep: bool = True,
+    smooth: str = "none",
 ) -> BlockwiseResult:
     """Calibrate and quantize ``model`` block by block (see the module docs); returns the records and
     the statistics. ``samples``: ``[n, L]`` token ids. ``source``: materializes and frees the parts of
@@ -317,7 +319,8 @@ def quantize_by_block(
     order (None: nothing is handed over). ``activation_memory``: bytes of activations kept in memory
     per store (the rest spills to ``spill_dir``). ``resume``: continue after an interrupted run.
     ``keep``: return every record and Hessian (False when a sink writes them: memory stays flat in depth;
-    the result then holds the statistics without Hessians and no records)."""
+    the result then holds the statistics without Hessians and no records). ``smooth``: a smoothing method
+    of :mod:`~nvfp4kit.calibrate.transforms`, applied to each block on its inputs before it is calibrated."""
     layout = block_layout(model)
     if layout is None:
         raise ValueError(f"block-by-block calibration needs repeated blocks (a ModuleList of layers); "
@@ -387,6 +390,12 @@ def quantize_by_block(
             want_outputs = not last or bool(rest)
             outputs = store("outputs") if want_outputs else None
             try:
+                if smooth != "none":
+                    alphas = smooth_block(block, plan, name, lambda: runner.run(block, i, inputs, None),
+                                          tokens_per_block, smooth)
+                    if alphas:
+                        progress.log(f"{name}: {smooth} smoothing, alpha " + ", ".join(
+                            f"{n.rsplit('.', 1)[-1]} {a:.2f}" for n, a in alphas.items()))
                 kv_ctx = (observe_kv_cache(block, kv_cache) if kv_cache is not None and attention_modules(block)
                           else nullcontext({}))
                 with kv_ctx as block_kv:

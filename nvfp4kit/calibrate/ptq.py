@@ -25,7 +25,7 @@ will be served (:mod:`~nvfp4kit.calibrate.emulation`). The same engine quantizes
 
 The result is a :class:`QuantizeResult` whose ``qmodel`` (a
 :class:`~nvfp4kit.checkpoint.types.QuantizedModel`) the checkpoint writers store. The model itself is
-left numerically unchanged.
+left numerically unchanged (with ``transforms``: its weights change, its full-precision function does not).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from .kv_cache import check_kv_cache_format, observe_kv_cache
 from .moe import unfuse_experts
 from .observers import LinearStats, calibrate, stop_after_blocks
 from .records import needed_statistics, quantize_linears, quantized_model
+from .rotation import rotate_model
 from .surgery import linear_shapes
+from .transforms import Transforms, has_smoothing_groups
 from .weight_scales import DEFAULT_WEIGHT_SCALE, WEIGHT_SCALE_METHODS
 
 DEFAULT_SCHEME = "w4a4"
@@ -135,6 +137,7 @@ def quantize_model(
     plan: PrecisionPlan | None = None,
     sequential: bool = False,
     kv_cache: str | None = None,
+    transforms: Transforms | None = None,
 ) -> QuantizeResult:
     """Quantize ``model``'s Linears in memory (the model itself is left numerically unchanged).
 
@@ -148,9 +151,22 @@ def quantize_model(
     maximum over the passes that reach it). ``kv_cache``: ``"fp8"`` to also calibrate static FP8
     KV-cache scales (the keys/values as cached, post-RoPE) during the calibration passes; needs
     ``samples`` (with ``stats`` given, the samples run once more for the KV cache alone).
+    ``transforms``: function-preserving transforms (:mod:`~nvfp4kit.calibrate.transforms`) applied
+    to ``model`` in place first: the rotation to the whole model, smoothing to each block on its
+    calibration inputs (then the engine runs block by block, one-shot or sequential semantics as
+    asked); the model then computes the same function in full precision with other weights.
     """
     check_kv_cache_format(kv_cache)
     check_weight_scale(weight_scale)
+    transforms = transforms or Transforms(smooth="none")
+    if transforms.active and stats is not None:
+        raise ValueError("transforms change the weights the calibration statistics were taken on: "
+                         "pass samples instead of stats")
+    if transforms.rotate:
+        info = rotate_model(model, seed=transforms.seed)
+        progress.log(f"rotated the residual stream (block-Hadamard {info.hidden_block}, seed {info.seed})"
+                     + (f" and each value head (block {info.head_block})" if info.heads else "")
+                     + ("; the head is no longer tied to the embedding" if info.untied_head else ""))
     if plan is None:
         plan = plan_model(model, scheme, exclude, recipe)
     else:
@@ -160,11 +176,15 @@ def quantize_model(
     seconds: dict[str, float] = {}
     n_tokens = 0
     t0 = time.perf_counter()
-    if sequential and need.observe:  # (with nothing to observe, one shot is the same thing)
+    smooth = transforms.smooth if transforms.smooth != "none" and has_smoothing_groups(model) else "none"
+    by_block = (sequential and need.observe) or smooth != "none"
+    if by_block:  # (sequential with nothing to observe is one shot)
         if stats is not None or samples is None:
-            raise ValueError("sequential quantization calibrates block by block: it needs samples, not stats")
-        done = quantize_by_block(model, samples, plan, weight_scale, sequential=True, kv_cache=kv_cache,
-                                 batch_size=batch_size, forward=forward)
+            what = "sequential quantization" if sequential else f"{transforms.smooth} smoothing"
+            raise ValueError(f"{what} runs block by block on calibration samples: it needs samples, not stats")
+        done = quantize_by_block(model, samples, plan, weight_scale, sequential=sequential and bool(need.observe),
+                                 kv_cache=kv_cache, batch_size=batch_size, forward=forward,
+                                 smooth=smooth)
         records, stats, kv_amax = done.records, done.stats, done.kv_amax
         seconds["calibrate+quantize"] = time.perf_counter() - t0
         n_tokens = int(samples.numel())

@@ -21,7 +21,7 @@ from ..formats.scales import tensor_amax
 from ..policy import PrecisionPlan, fused_groups
 from .observers import LinearStats
 from .sequential import block_layout
-from .weight_scales import DEFAULT_WEIGHT_SCALE, gptq_hessian_factor, nvfp4_weight_parts
+from .weight_scales import DEFAULT_WEIGHT_SCALE, gptq_factor, nvfp4_weight_parts
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ def quantize_linears(model: nn.Module, plan: PrecisionPlan, stats: dict[str, Lin
                 factor = None
                 if h is not None:
                     if factor_of[0] is not h:
-                        factor_of = (h, gptq_hessian_factor(h.to(w.device), dtype=torch.float64 if w.dtype == torch.float64
-                                                            else torch.float32))
+                        factor_of = (h, gptq_factor(h.to(w.device), dtype=torch.float64 if w.dtype == torch.float64
+                                                    else torch.float32))
                     factor = factor_of[1]
                 parts = nvfp4_weight_parts(w, weight_scale, global_amax=weight_amax[n], hessian=h, name=n,
                                            hessian_factor=factor)

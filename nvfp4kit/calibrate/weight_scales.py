@@ -11,7 +11,10 @@
              Cholesky factor of the damped inverse Hessian ``H = X^T X`` of the calibration inputs.
              A 16-column group's block scales are fixed when the group's first column is reached,
              chosen on the error-updated weights by the ``mse`` search (``gptq_weight_parts`` also
-             offers the plain max rule).
+             offers the plain max rule). With activation order (``act_order``, GPTQ's "static"
+             order) the columns are instead quantized in decreasing order of the Hessian diagonal
+             (the inputs with the most energy first) with every block scale chosen beforehand on
+             the original weights, so the 16-element blocks of the checkpoint stay contiguous.
 
 All methods take an optional ``global_amax``: fused groups (q/k/v, gate/up) pass the group's
 shared amax so every member gets the same global scale.
@@ -38,6 +41,9 @@ DEFAULT_WEIGHT_SCALE = "gptq"
 # E4M3 code offsets tried by ``mse`` around the max-based scale (8 codes = a factor of 2)
 MSE_CODE_OFFSETS = tuple(range(-6, 3))
 _E4M3_MAX_CODE = 126  # 0x7E = 448; 0x7F is NaN in float8_e4m3fn
+# GPTQ's column order: the Hessian-diagonal (activation) order when True, left to right when False.
+# Measured (bench/ptq.py): it helps GPTQ alone but not after the default AWQ smoothing, so it is off.
+GPTQ_ACT_ORDER = False
 
 
 def _amax_of(w: torch.Tensor, global_amax) -> torch.Tensor:
@@ -156,6 +162,35 @@ def gptq_hessian_factor(hessian: torch.Tensor, damp: float = 0.01, dtype: torch.
     return _lower_triangular_inverse(L).flip(0, 1).contiguous()
 
 
+def gptq_column_order(hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ's activation order: column indices by decreasing Hessian diagonal (ties by index)."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+
+
+def gptq_factor(hessian: torch.Tensor, act_order: bool | None = None, damp: float = 0.01,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The factor :func:`gptq_weight_parts` uses for ``hessian``: :func:`gptq_hessian_factor` of the Hessian
+    in the column order GPTQ runs (permuted by :func:`gptq_column_order` with ``act_order``; None:
+    :data:`GPTQ_ACT_ORDER`)."""
+    if GPTQ_ACT_ORDER if act_order is None else act_order:
+        perm = gptq_column_order(hessian)
+        hessian = hessian[perm][:, perm]
+    return gptq_hessian_factor(hessian, damp, dtype)
+
+
+def _gptq_static_columns(W1, Err1, U1, codes, enc_cols, deq_cols, dtype) -> None:
+    """One lazy block of columns whose block scales were fixed beforehand (activation order):
+    ``enc_cols`` / ``deq_cols`` ``[N, L]`` are each column's block encode / decode scale."""
+    for i in range(W1.shape[1]):
+        wcol = W1[:, i]
+        c = e2m1_round_nearest(torch.clamp(wcol.float() * enc_cols[:, i], -E2M1_MAX, E2M1_MAX))
+        codes[:, i] = c
+        q = e2m1_decode(c, dtype) * deq_cols[:, i]
+        err = (wcol - q) / U1[i, i]
+        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+
+
 def _mse_block_scale(xb: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor, offsets=MSE_CODE_OFFSETS):
     """E4M3 scales ``[rows]`` minimising each row's squared error on blocks ``xb`` ``[rows, 16]``."""
     s_max = nvfp4_block_scale(xb.abs().amax(-1), s_enc)
@@ -200,7 +235,8 @@ def _gptq_lazy_block(W1, Err1, U1, codes, scales, s_enc, s_dec, group_scale: str
 
 def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, damp: float = 0.01,
                       lazy_block: int = 128, group_scale: str = "max", name: str = "weight",
-                      backend: str = "auto", factor: torch.Tensor | None = None) -> NVFP4Parts:
+                      backend: str = "auto", factor: torch.Tensor | None = None,
+                      act_order: bool | None = None) -> NVFP4Parts:
     """GPTQ on NVFP4 1x16 blocks (see the module docs). ``hessian``: ``[K, K]`` sum of ``x^T x``.
 
     ``group_scale``: how a 16-column group's block scales are chosen from the (error-updated)
@@ -209,8 +245,11 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
     Computes in float64 when ``w`` is float64, else float32, on ``w``'s device. The columns of a
     lazy block run in the compiled CPU kernel where ``kernels.dispatch.search_kernel`` offers it
     (float32 on CPU; same bits as the torch loop, which ``backend="torch"`` forces). ``factor``: the
-    :func:`gptq_hessian_factor` of ``hessian`` when the caller already has it (weights sharing a Hessian).
+    :func:`gptq_factor` of ``hessian`` when the caller already has it (weights sharing a Hessian).
+    ``act_order``: columns in decreasing Hessian-diagonal order, block scales chosen beforehand on the
+    original weights by ``group_scale`` (the torch loop; see the module docs); None: :data:`GPTQ_ACT_ORDER`.
     """
+    act_order = GPTQ_ACT_ORDER if act_order is None else act_order
     if group_scale not in ("max", "mse"):
         raise ValueError(f"{name}: gptq group_scale must be 'max' or 'mse', got {group_scale!r}")
     check_quantizable(w, name)
@@ -227,10 +266,16 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
     s_enc = global_encode_scale(_amax_of(w, global_amax)).to(W.device)
     s_dec = decode_from_encode(s_enc)
     if factor is None:
-        factor = gptq_hessian_factor(hessian.to(W.device), damp, dtype)
+        factor = gptq_factor(hessian.to(W.device), act_order, damp, dtype)
     elif factor.shape != (K, K) or factor.dtype != dtype:
         raise ValueError(f"{name}: the Hessian factor must be [{K}, {K}] {dtype}, got {tuple(factor.shape)} {factor.dtype}")
     U = factor.to(W.device)
+    if act_order:
+        if group_scale == "mse":  # the mse method's scales of the original weights (its compiled search)
+            s_b = mse_weight_parts(w.detach(), _amax_of(w, global_amax), name=name, backend=backend).block_scale
+        else:
+            s_b = nvfp4_block_scale(W.float().reshape(-1, BLOCK_SIZE).abs().amax(-1), s_enc)
+        return _gptq_act_order(W, hessian, U, s_b.reshape(N, K // BLOCK_SIZE), s_dec, lazy_block, dtype)
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(N, K // BLOCK_SIZE, dtype=torch.uint8, device=W.device)
     kernel = search_kernel(W, backend)
@@ -248,6 +293,27 @@ def gptq_weight_parts(w: torch.Tensor, hessian: torch.Tensor, global_amax=None, 
         if i2 < K:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return NVFP4Parts(pack_nibbles(codes), scales.view(torch.float8_e4m3fn), s_dec.reshape(()))
+
+
+def _gptq_act_order(W, hessian, U, s_b, s_dec, lazy_block: int, dtype) -> NVFP4Parts:
+    """GPTQ in activation order (see :func:`gptq_weight_parts`) with the block scales ``s_b`` ``[N, K/16]``
+    fixed beforehand; ``U``: the factor of the permuted Hessian."""
+    N, K = W.shape
+    perm = gptq_column_order(hessian.to(W.device))
+    enc_cols = nvfp4_block_encode_scale(s_b, s_dec).repeat_interleave(BLOCK_SIZE, 1)[:, perm]
+    deq_cols = (s_b.float() * s_dec).to(dtype).repeat_interleave(BLOCK_SIZE, 1)[:, perm]
+    Wp = W[:, perm].contiguous()
+    codes_p = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, K, lazy_block):
+        i2 = min(i1 + lazy_block, K)
+        W1 = Wp[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        _gptq_static_columns(W1, Err1, U[i1:i2, i1:i2], codes_p[:, i1:i2], enc_cols[:, i1:i2], deq_cols[:, i1:i2], dtype)
+        if i2 < K:
+            Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    codes = torch.empty_like(codes_p)
+    codes[:, perm] = codes_p
+    return NVFP4Parts(pack_nibbles(codes), s_b, s_dec.reshape(()))
 
 
 def nvfp4_weight_parts(w: torch.Tensor, method: str = "max", global_amax=None, hessian: torch.Tensor | None = None,
@@ -272,6 +338,9 @@ def nvfp4_weight_parts(w: torch.Tensor, method: str = "max", global_amax=None, h
 __all__ = [
     "DEFAULT_WEIGHT_SCALE",
     "WEIGHT_SCALE_METHODS",
+    "GPTQ_ACT_ORDER",
+    "gptq_column_order",
+    "gptq_factor",
     "gptq_hessian_factor",
     "gptq_weight_parts",
     "mse_weight_parts",

@@ -48,6 +48,21 @@ def quantize_cmd(
              "auto: whole when it fits in half the free memory of the device"),
     device: str = options.device(D.device),
     bos: bool = options.bos(D.bos),
+    smooth: str = typer.Option(
+        D.smooth, "--smooth",
+        help="per-channel smoothing folded into the model before quantization (a standard checkpoint): awq (search "
+             "of the migration strength per group by its NVFP4 output error; the default, it pays with every weight "
+             "scale measured), smoothquant (closed form, alpha 0.5) or none"),
+    rotate: bool = typer.Option(
+        D.rotate, "--rotate/--no-rotate",
+        help="fold a randomized block-Hadamard rotation of the residual stream and of each value head into the "
+             "weights (QuaRot-style, no engine support needed; Llama/Mistral/Qwen-style decoders, --load whole). "
+             "Off by default: measured, it does not pay for NVFP4 W4A4"),
+    method: str = typer.Option(
+        D.method, "--method",
+        help="given: quantize with the options as given; auto: try the candidate recipes (smoothing awq / none / "
+             "smoothquant, awq + rotation) on 75 percent of the calibration samples, score each quantized model on "
+             "the rest, keep the best (several times the time; causal LMs, --load whole)"),
     dtype: str = typer.Option(
         D.dtype, "--dtype", help="compute dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, bfloat16, "
                                  "float16; statistics and scale searches are float32 in any case"),
@@ -69,7 +84,8 @@ def quantize_cmd(
                       calib_samples=calib_samples, seq_len=seq_len, exclude=tuple(exclude or ()), recipe=recipe,
                       overwrite=overwrite, bits_budget=bits_budget, kv_cache=kv_cache,
                       sequential=sequential, load=load, device=device, dtype=dtype,
-                      activation_memory=activation_memory, max_shard_size=max_shard_size, bos=bos)
+                      activation_memory=activation_memory, max_shard_size=max_shard_size, bos=bos, smooth=smooth,
+                      rotate=rotate, method=method)
     try:
         if weights_only_streaming:
             path = run_streaming(job)

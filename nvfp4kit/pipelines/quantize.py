@@ -39,6 +39,7 @@ from ..calibrate.moe import unfuse_experts
 from ..calibrate.ptq import DEFAULT_SCHEME, QuantizeResult, check_plan, check_weight_scale, plan_model, quantize_model
 from ..calibrate.records import config_dict
 from ..calibrate.sequential import block_layout
+from ..calibrate.transforms import DEFAULT_ROTATE, DEFAULT_SMOOTH, Transforms, check_smoothing, has_smoothing_groups
 from ..calibrate.weight_scales import DEFAULT_WEIGHT_SCALE
 from ..checkpoint.quantized import MODELOPT, declare_dtype
 from ..checkpoint.types import QuantizedModel
@@ -48,6 +49,7 @@ from .models import (CAUSAL_LM, LoadedModel, check_sequence_length, embedded_mod
                      open_by_block)
 
 LOAD_MODES = ("auto", "whole", "blocks")
+METHODS = ("given", "auto")
 # a whole model is loaded when its weights take at most this share of the free memory
 WHOLE_MODEL_SHARE = 0.5
 # default activation memory per store: this share of the free memory (the rest of them spills to disk)
@@ -76,6 +78,12 @@ class QuantizeJob:
     activation_memory: float | None = None  # GB of calibration activations kept in memory by block (None: auto)
     max_shard_size: str = "5GB"
     bos: bool = True  # calibration samples start with the tokenizer's BOS when it adds one
+    smooth: str = DEFAULT_SMOOTH  # per-channel smoothing before quantization: awq | smoothquant | none
+    rotate: bool = DEFAULT_ROTATE  # the offline Hadamard rotation of the residual stream and of v/o
+    method: str = "given"  # "given": the options above; "auto": try the candidate recipes, keep the best
+
+    def transforms(self) -> Transforms:
+        return Transforms(rotate=self.rotate, smooth=self.smooth)
 
 
 def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.PathLike, fmt: str,
@@ -119,7 +127,8 @@ def _rank_world():
 
 
 def _samples(job: QuantizeJob, tokenizer, model, source: str):
-    needs_calib = job.scheme != "w4a16" or job.weight_scale == "gptq" or job.kv_cache is not None
+    needs_calib = (job.scheme != "w4a16" or job.weight_scale == "gptq" or job.kv_cache is not None
+                   or (job.smooth != "none" and has_smoothing_groups(model)) or job.method == "auto")
     if not needs_calib:
         return None
     check_sequence_length(model, job.seq_len)
@@ -140,6 +149,9 @@ def check_job(job: QuantizeJob) -> None:
     """Refuse bad options before any work."""
     check_kv_cache_format(job.kv_cache)
     check_weight_scale(job.weight_scale)
+    check_smoothing(job.smooth)
+    if job.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {job.method!r}")
     if job.bits_budget is None:
         check_scheme(job.scheme, job.recipe)
     if job.load not in LOAD_MODES:
@@ -194,8 +206,11 @@ def _run_quantize(job: QuantizeJob, device: torch.device, loaded: LoadedModel | 
         plan, search = _searched_plan(job, loaded.model, samples)
     if samples is not None:
         samples = samples.to(device)
+    transforms = job.transforms()
+    if job.method == "auto":
+        transforms = _auto_transforms(job, loaded, samples, plan)
     result = quantize_model(loaded.model, samples, job.scheme, job.weight_scale, job.exclude, job.recipe, plan=plan,
-                            kv_cache=job.kv_cache, sequential=bool(job.sequential))
+                            kv_cache=job.kv_cache, sequential=bool(job.sequential), transforms=transforms)
     t0 = time.perf_counter()
     path = save_checkpoint(result, loaded, job.out, job.format, job.overwrite, job.max_shard_size)
     if search is not None:
@@ -203,6 +218,53 @@ def _run_quantize(job: QuantizeJob, device: torch.device, loaded: LoadedModel | 
     result.seconds["write"] = time.perf_counter() - t0
     result.seconds["total"] = time.perf_counter() - t_start
     return result, path
+
+
+# --method auto: the recipes tried (smoothing, rotation), the job's weight scale for each
+AUTO_CANDIDATES = (Transforms(smooth="awq"), Transforms(smooth="none"), Transforms(smooth="smoothquant"),
+                   Transforms(smooth="awq", rotate=True))
+# the share of the calibration samples held out to score the candidates (at least one sample)
+AUTO_HOLDOUT = 0.25
+
+
+def _auto_transforms(job: QuantizeJob, loaded: LoadedModel, samples: torch.Tensor, plan) -> Transforms:
+    """Try each of ``AUTO_CANDIDATES`` on the calibration samples less a held-out slice, score each
+    quantized model (emulated) by its next-token loss on the held-out samples, and return the best."""
+    from ..calibrate.emulation import apply_quantized
+    from ..evaluate.perplexity import perplexity
+
+    if loaded.task != CAUSAL_LM:
+        raise ValueError(f"--method auto scores candidates by next-token loss; --model {loaded.source!r} is an "
+                         f"encoder ({type(loaded.model).__name__}): choose --smooth / --rotate directly")
+    n_held = max(1, int(round(samples.shape[0] * AUTO_HOLDOUT)))
+    if samples.shape[0] - n_held < 1:
+        raise ValueError(f"--method auto holds out {n_held} calibration sample(s) to score the candidates: "
+                         f"give at least {n_held + 1} (--calib-samples)")
+    fit, held = samples[:-n_held], samples[-n_held:]
+    bos = sample_bos(loaded.tokenizer, job.bos)
+    body = held[:, 1:] if bos is not None else held
+    scores = []
+    for cand in AUTO_CANDIDATES:
+        if cand.rotate:
+            try:
+                from ..calibrate.rotation import check_rotatable
+
+                check_rotatable(loaded.model)
+            except ValueError as e:
+                progress.log(f"--method auto: skipping {cand.describe()}: {e}")
+                continue
+        model = copy.deepcopy(loaded.model)
+        with progress.task(f"--method auto: {cand.describe()}"):
+            r = quantize_model(model, fit, job.scheme, job.weight_scale, job.exclude, job.recipe, plan=plan,
+                               kv_cache=job.kv_cache, sequential=bool(job.sequential), transforms=cand)
+            apply_quantized(model, r.qmodel)
+            score = perplexity(model, body.reshape(-1), held.shape[1], bos_id=bos, desc="scoring").nll
+        scores.append((score, cand))
+        progress.log(f"--method auto: {cand.describe()}: held-out loss {score:.4f}")
+        del model, r
+    best = min(scores, key=lambda t: t[0])[1]
+    progress.log(f"--method auto: keeping {best.describe()} (calibrating on all {samples.shape[0]} samples)")
+    return best
 
 
 def _auto_mode(job: QuantizeJob, device: torch.device) -> str:
@@ -236,7 +298,7 @@ def _source_identity(path) -> list:
 
 def _signature(job: QuantizeJob, sequential: bool, dtype: torch.dtype, device: torch.device, world: int) -> dict:
     keep = ("model", "format", "scheme", "weight_scale", "calib", "calib_samples", "seq_len", "exclude", "recipe",
-            "kv_cache", "max_shard_size", "bos")
+            "kv_cache", "max_shard_size", "bos", "smooth", "rotate")
     d = asdict(job)
     sig = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
     sig.update(sequential=sequential, dtype=str(dtype), device=device.type, world=world,
@@ -278,6 +340,10 @@ def run_by_block(job: QuantizeJob, device: torch.device, t_start: float | None =
     rank, world = _rank_world()
     if job.bits_budget is not None:
         raise ValueError("--bits-budget measures every Linear's sensitivity with the whole model: use --load whole")
+    if job.rotate or job.method == "auto":
+        what = "--rotate" if job.rotate else "--method auto"
+        raise ValueError(f"{what} works on a model loaded whole for now: use --load whole (smoothing works "
+                         "block by block)")
     sequential = True if job.sequential is None else job.sequential
     probe = open_by_block(job.model, torch.float32, "cpu")
     dtype = resolve_dtype(job.dtype, device, probe.source_dtype)
@@ -323,7 +389,7 @@ def run_by_block(job: QuantizeJob, device: torch.device, t_start: float | None =
         done = quantize_by_block(bw.model, samples.to(device), plan, job.weight_scale, sequential=sequential,
                                  kv_cache=job.kv_cache, source=bw.source, sink=sink, device=device,
                                  activation_memory=budget, spill_dir=(sink.dir / "spill") if sink is not None else None,
-                                 resume=resume, keep=False)
+                                 resume=resume, keep=False, smooth=job.smooth)
     except BaseException:
         if sink is not None:
             sink.discard_if_empty()  # finished blocks stay staged: the same command resumes after them
