@@ -199,21 +199,25 @@ def write_llama(folder: Path, layers: int, widths: dict, tokenizer) -> Path:
     shapes = {"self_attn.q_proj": (nh * hd, h), "self_attn.k_proj": (nkv * hd, h), "self_attn.v_proj": (nkv * hd, h),
               "self_attn.o_proj": (h, nh * hd), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h),
               "mlp.down_proj": (h, f)}
-    files = [("model-embed.safetensors", {"model.embed_tokens.weight": _randn((v, h), gen, 1.0)})]
+    total = 0
+
+    def write(name, tensors):  # one shard at a time: the whole model is never in memory
+        nonlocal total
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        for k, t in tensors.items():
+            index[k] = name
+            total += t.numel() * t.element_size()
+
+    write("model-embed.safetensors", {"model.embed_tokens.weight": _randn((v, h), gen, 1.0)})
     for i in range(layers):
         p = f"model.layers.{i}."
         t = {p + n + ".weight": _randn(s, gen) for n, s in shapes.items()}
         t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
         t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-        files.append((f"model-{i:05d}.safetensors", t))
-    files.append(("model-head.safetensors", {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-                                             "lm_head.weight": _randn((v, h), gen)}))
-    total = 0
-    for name, tensors in files:
-        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-        for k, t in tensors.items():
-            index[k] = name
-            total += t.numel() * t.element_size()
+        write(f"model-{i:05d}.safetensors", t)
+        del t
+    write("model-head.safetensors", {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+                                     "lm_head.weight": _randn((v, h), gen)})
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": index}))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
@@ -305,7 +309,7 @@ class Runner:
         shutil.rmtree(out, ignore_errors=True)
         args = dict(model=str(model), out=str(out), scheme="w4a4", weight_scale=method, load=load,
                     calib_samples=self.args.calib_samples, seq_len=self.args.seq_len, device=self.args.device,
-                    threads=self.args.threads, overwrite=True, **job)
+                    threads=self.args.threads, overwrite=True, smooth=self.args.smooth, **job)
         print(f"  nvfp4kit {label} ...", flush=True)
         r = run_child(sys.executable, OURS, args, self.args.timeout)
         self._say(f"nvfp4kit {label}", r)
@@ -460,7 +464,8 @@ def part_super(run: Runner, tokenizer, lines: list[str]) -> None:
     size = folder_bytes(src)
     args = dict(model=str(src), out=str(run.work / "out-ours"), scheme="mixed", recipe="nemotron3-super",
                 weight_scale=run.args.super_method, load="blocks", calib_samples=run.args.calib_samples,
-                seq_len=run.args.seq_len, device=run.args.device, threads=run.args.threads, overwrite=True)
+                seq_len=run.args.seq_len, device=run.args.device, threads=run.args.threads, overwrite=True,
+                smooth=run.args.smooth)
     print("  nvfp4kit Super-shaped, mixed release recipe ...", flush=True)
     r = run_child(sys.executable, OURS, args, run.args.timeout)
     Runner._say("nvfp4kit Super-shaped", r)
@@ -568,7 +573,7 @@ def part_gptq(run: Runner, lines: list[str]) -> None:
         shutil.rmtree(out, ignore_errors=True)
         args = dict(model=str(src), out=str(out), scheme="w4a4", weight_scale="gptq", load="blocks",
                     calib_samples=run.args.calib_samples, seq_len=run.args.seq_len, device=run.args.device,
-                    threads=run.args.threads, overwrite=True, format="compressed-tensors")
+                    threads=run.args.threads, overwrite=True, format="compressed-tensors", smooth=run.args.smooth)
         print(f"  nvfp4kit {label} gptq ...", flush=True)
         ours = run_child(sys.executable, OURS, args, run.args.timeout)
         Runner._say(f"nvfp4kit {label}", ours)
@@ -648,6 +653,9 @@ def main() -> None:
     ap.add_argument("--super-method", default="mse", help="the release's weight-scale rule (weight MSE)")
     ap.add_argument("--qwen-gguf", default=None, help="Qwen2.5-Coder-0.5B GGUF (see shared assets) for the real-model parts")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--smooth", default="none",
+                    help="nvfp4kit's smoothing in these runs (default none: like for like with llm-compressor's "
+                         "RTN and GPTQModifier; bench/ptq.py measures what smoothing adds)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--timeout", type=float, default=5400)
     ap.add_argument("--work", default=None, help="folder for the synthetic checkpoints (default: a temp dir)")

@@ -220,3 +220,21 @@ def test_method_auto_refuses_encoders_and_too_few_samples(tmp_path):
     loaded = LoadedModel(bert, None, "bert-dir", "hf", task="encoder")
     with pytest.raises(ValueError, match="is an encoder"):
         _auto_transforms(QuantizeJob(method="auto"), loaded, _ids(4, 8), None)
+
+
+def test_cli_options_reach_the_job(model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from nvfp4kit.cli.main import app
+    from nvfp4kit.pipelines import quantize as qmod
+
+    r = CliRunner().invoke(app, ["quantize", "--model", str(model_dir), "--out", str(tmp_path / "x"),
+                                 "--smooth", "bogus"])
+    assert r.exit_code != 0 and "--smooth must be one of none, awq, smoothquant" in r.output
+    seen = []
+    monkeypatch.setattr(qmod, "run_quantize", lambda job: seen.append(job) or (_ for _ in ()).throw(ValueError("stop")))
+    CliRunner().invoke(app, ["quantize", "--model", str(model_dir), "--out", str(tmp_path / "y"), "--smooth",
+                             "smoothquant", "--rotate", "--method", "auto"])
+    assert (seen[0].smooth, seen[0].rotate, seen[0].method) == ("smoothquant", True, "auto")
+    CliRunner().invoke(app, ["quantize", "--model", str(model_dir), "--out", str(tmp_path / "z")])
+    assert (seen[1].smooth, seen[1].rotate, seen[1].method) == ("awq", False, "given")

@@ -287,6 +287,17 @@ def _check_nvfp4_k(k: int) -> None:
         raise ValueError(f"weights: K = {k} is not a multiple of the NVFP4 block size {BLOCK_SIZE}")
 
 
+def _check_group(x, weights, chunk_tokens: int):
+    """The checked weights, their K and the inputs as ``[T, K]`` tokens of one group."""
+    ws = _check_weights(weights, None)
+    k = ws[0].shape[1]
+    _check_nvfp4_k(k)
+    x = _flatten_tokens(x, k)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return ws, k, x
+
+
 def smoothing_error(x: torch.Tensor, weights, s: torch.Tensor | None = None, w4a4: bool = False,
                     x_amax: torch.Tensor | None = None, shared_weight_amax: bool = False,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> float:
@@ -299,12 +310,7 @@ def smoothing_error(x: torch.Tensor, weights, s: torch.Tensor | None = None, w4a
     is given (it may exceed the sample ``x``'s), else ``tensor_amax(x / s)``. Block scales are per token
     and 16 channels, so chunking over tokens (``chunk_tokens`` at a time) does not change the result.
     ``s = None`` means no scaling. Computed in float32 (float64 when an input is float64)."""
-    ws = _check_weights(weights, None)
-    k = ws[0].shape[1]
-    _check_nvfp4_k(k)
-    x = _flatten_tokens(x, k)
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    ws, k, x = _check_group(x, weights, chunk_tokens)
     dt = _compute_dtype(x, *ws)
     if s is not None:
         s = _check_scales(s, k)
@@ -372,12 +378,7 @@ def awq_search(x: torch.Tensor, weights, w4a4: bool, grid: int = 20, x_amax: tor
     if not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid must be a positive integer, got {grid!r}")
     _check_floor(floor)
-    ws = _check_weights(weights, None)
-    k = ws[0].shape[1]
-    _check_nvfp4_k(k)
-    x = _flatten_tokens(x, k)
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    ws, k, x = _check_group(x, weights, chunk_tokens)
     if x_amax is not None:
         x_amax = _check_vector(x_amax, k, "x_amax", nonnegative=True).detach()
     if gqa is not None:
