@@ -8,6 +8,8 @@ step time relative to BF16; writes the ``train_gap`` section of bench/RESULTS.md
 
 Step times: the median wall time of each run's steps, and an interleaved measurement (the runs'
 precisions alternated on one batch, median of several reps) that is less sensitive to other load.
+
+    python bench/train_gap.py --step-times --timing-reps 15   # the interleaved step times alone
 """
 
 from __future__ import annotations
@@ -59,7 +61,14 @@ def shakespeare_dir(cache: Path) -> str:
 
 
 def interleaved_step_times(args, labels_recipes, data_dir, reps: int) -> dict[str, float]:
-    """Median forward+backward+optimizer time of each precision set, alternated on the same batch."""
+    """Median forward+backward time of each precision set, alternated on the same batch."""
+    wall, _ = interleaved_step_samples(args, labels_recipes, data_dir, reps)
+    return {k: sorted(v)[len(v) // 2] for k, v in wall.items()}
+
+
+def interleaved_step_samples(args, labels_recipes, data_dir, reps: int):
+    """Per rep, the wall and the CPU time (this thread's) of each precision set's forward+backward,
+    alternated on the same batch: ``({label: [wall s]}, {label: [cpu s]})``."""
     from nvfp4kit.pipelines.train import TrainOptions, build_training_model
     from nvfp4kit.training.data import load_packed_text, load_tokenizer
     from nvfp4kit.training.loop import TrainConfig, autocast_context, make_optimizer
@@ -72,17 +81,53 @@ def interleaved_step_times(args, labels_recipes, data_dir, reps: int) -> dict[st
     opt = make_optimizer(model, cfg)
     batch = data.train[: args.batch_size]
     times: dict[str, list[float]] = {lbl: [] for lbl, _, _ in labels_recipes}
+    cpu_times: dict[str, list[float]] = {lbl: [] for lbl, _, _ in labels_recipes}
     for rep in range(reps + 1):
         for lbl, recipe, flags in labels_recipes:
             apply_recipe(model, recipe, flags, show=False)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             with autocast_context(cfg.autocast, torch.device("cpu")):
                 out = model(batch, labels=batch)
             out.loss.backward()
             opt.zero_grad(set_to_none=True)  # the optimizer step's cost is the same for all: leave it out
             if rep:
                 times[lbl].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+                cpu_times[lbl].append(time.thread_time() - c0)
+    return times, cpu_times
+
+
+def step_time_section(args, runs, data_dir) -> str:
+    """``--step-times``: the interleaved forward+backward times alone (a few minutes), as the
+    ``train_step`` section: median wall and CPU time per precision set, and the median of the per-rep
+    ratios to BF16 (the pairs ran back to back, so a drift of the machine's speed cancels)."""
+    import statistics
+
+    t_start = time.time()
+    wall, cpu = interleaved_step_samples(args, runs, data_dir, args.timing_reps)
+    lines = ["| run | fwd+bwd wall s | vs BF16 (wall) | fwd+bwd CPU s | vs BF16 (CPU) |", "|---|---|---|---|---|"]
+    for lbl, _, _ in runs:
+        row = [f"{statistics.median(wall[lbl]):.3f}", "n/a", f"{statistics.median(cpu[lbl]):.3f}", "n/a"]
+        if "bf16" in wall:
+            row[1] = f"{statistics.median([a / b for a, b in zip(wall[lbl], wall['bf16'])]):.2f}x"
+            row[3] = f"{statistics.median([a / b for a, b in zip(cpu[lbl], cpu['bf16'])]):.2f}x"
+        lines.append(f"| {lbl} | " + " | ".join(row) + " |")
+    table = "\n".join(lines)
+    print(table)
+    load = os.getloadavg()
+    return f"""## NVFP4 training step time on CPU (`bench/train_gap.py --step-times`)
+
+Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.processor() or platform.machine()}, \
+{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), load average \
+{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end; {(time.time() - t_start) / 60:.1f} min in all.
+`{args.preset}` preset, one batch of {args.batch_size} x {args.seq_len} tokens of Shakespeare, activations
+{'fp32' if args.autocast == 'off' else args.autocast}; forward + backward (no optimizer step) of each precision set in turn on
+the same model, {args.timing_reps} reps after one warm-up. Emulated NVFP4 / MXFP8 with exact numerics on the
+compiled CPU kernels (bit-identical to the torch reference, `tests/test_training_cpu_exact.py`). "CPU s" is
+the thread's CPU time, less sensitive than wall time to other jobs on a shared machine; ratios are the median
+of the per-rep ratios.
+
+{table}
+"""
 
 
 def plot(results: dict, path: Path, title: str) -> None:
@@ -132,6 +177,8 @@ def main() -> None:
     ap.add_argument("--runs", help="comma-separated labels to run (default: all)")
     ap.add_argument("--work", default=None, help="run directories (default: a temp dir)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--step-times", action="store_true",
+                    help="only the interleaved step times of --runs (default bf16,nemotron3): the train_step section")
     args = ap.parse_args()
 
     from nvfp4kit import progress
@@ -144,6 +191,12 @@ def main() -> None:
     data_dir = args.data or shakespeare_dir(Path(tempfile.gettempdir()) / "nvfp4kit-shakespeare")
     work = Path(args.work or tempfile.mkdtemp(prefix="nvfp4kit-train-gap-"))
     runs = [r for r in RUNS if not args.runs or r[0] in args.runs.split(",")]
+    if args.step_times:
+        wanted = (args.runs or "bf16,nemotron3").split(",")
+        text = step_time_section(args, [r for r in RUNS if r[0] in wanted], data_dir)
+        if not args.no_write:
+            write_results_section("train_step", text)
+        return
     results = {}
     t_start = time.time()
     for lbl, recipe, flags in runs:

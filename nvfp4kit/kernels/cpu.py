@@ -18,8 +18,17 @@ Why it is exact: the kernel does only single IEEE-754 float32 multiplications an
 (no division, no sums), compiled without fast-math and with ``-ffp-contract=off``; the FP32 -> E4M3
 rounding is integer arithmetic (round to nearest even on the mantissa bits, a power-of-two
 multiply and an exact remainder in the subnormal range). The per-tensor scalars and the
-multiplier table come from :mod:`nvfp4kit.formats.scales`. ``tests/test_kernels_cpu.py`` checks
-the parts bit for bit against the reference over random and adversarial inputs.
+multiplier table follow :mod:`nvfp4kit.formats.scales` step for step in float32 (single IEEE
+divisions and products, computed in C). ``tests/test_kernels_cpu.py`` checks the parts bit for
+bit against the reference over random and adversarial inputs.
+
+For the training recipe (``tests/test_kernels_cpu_recipe.py``): :func:`quantize_values` returns
+the parts with their block values (``formats.nvfp4.block_values``) from the same call;
+:func:`mxfp8_fake_quantize` is ``formats.mx``'s MXFP8 quantize-dequantize in one pass;
+:func:`transpose_padded` copies a wgrad operand once; stochastic rounding draws ``torch.rand``'s
+numbers with a copy of torch's CPU mt19937 on the generator's own state (read with
+``get_state``, written back with ``set_state``), used only after it matched ``torch.rand`` once in
+this process (``torch.rand`` otherwise, and below :data:`_MT_MIN_NUMEL` draws).
 
 What runs where:
 
@@ -71,13 +80,12 @@ from ..formats.nvfp4 import (
     _as_amax,
     check_quantizable,
 )
+from ..formats.nvfp4 import block_values as reference_block_values
 from ..formats.nvfp4 import quantize_parts as reference_quantize_parts
 from ..formats.scales import (
     _INV_E2M1_MAX,
     FP32_MAX,
     NVFP4_RANGE,
-    decode_from_encode,
-    global_encode_scale,
     nvfp4_block_encode_scale,
 )
 
@@ -87,6 +95,7 @@ PARALLEL_MIN_BLOCKS = 1 << 14
 _FP32_INF_BITS = 0x7F800000
 
 _C_SOURCE = r"""
+#include <float.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -350,6 +359,154 @@ void nvfp4_gptq_block_f32(float *W, int64_t ldw, float *E, int64_t lde, const fl
 void nvfp4_e4m3_rtne_f32(const float *v, int64_t n, uint8_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)e4m3_rtne(v[i]);
 }
+
+/* The per-tensor scalars of formats/scales.py for a tensor amax, in its float32 steps (single IEEE
+   divisions and products, so the same bits): out = {S_enc, S_dec, factor} with
+   S_enc = min(range / amax, FLT_MAX) (1 where amax is 0 or the quotient 0), S_dec = 1 / S_enc,
+   factor = S_enc * inv6; and per E4M3 code c (its float value e4m3_value[c]) the block encode
+   multiplier enc_table[c] = min(1 / (e4m3_value[c] * S_dec), FLT_MAX) (NaN stays NaN, as in torch). */
+void nvfp4_tensor_scales(float amax, float range, float inv6, const float *e4m3_value, float *out,
+                         float *enc_table) {
+    float s = range / amax;
+    s = s > FLT_MAX ? FLT_MAX : s;
+    if (amax == 0.0f || s == 0.0f) s = 1.0f;
+    float d = 1.0f / s;
+    out[0] = s;
+    out[1] = d;
+    out[2] = s * inv6;
+    for (int c = 0; c < 128; c++) {
+        float e = 1.0f / (e4m3_value[c] * d);
+        enc_table[c] = e > FLT_MAX ? FLT_MAX : e;
+    }
+}
+
+/* torch.rand's float32 draws from a CPU torch.Generator, the same numbers and the same state after:
+   torch's mt19937 (at::mt19937_engine: decrement left, regenerate all 624 words when it reaches 0,
+   temper state[next++]) and its uniform_real transform (r & 0xFFFFFF) * 2^-24, one 32-bit draw per
+   element in memory order. The state is Generator.get_state()'s byte layout: uint64 seed, int32
+   left, int32 seeded, uint64 next, uint64 state[624] (32-bit words); it is updated in place.
+   Returns 0, or -1 (nothing drawn) for a state outside that engine's invariants. */
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7FFFFFFFu)) >> 1) ^ ((0u - (v & 1u)) & 0x9908B0DFu);
+}
+
+static void mt_regenerate(uint32_t *st) {
+    for (int i = 0; i < 227; i++) st[i] = st[i + 397] ^ mt_twist(st[i], st[i + 1]);
+    for (int i = 227; i < 623; i++) st[i] = st[i - 227] ^ mt_twist(st[i], st[i + 1]);
+    st[623] = st[396] ^ mt_twist(st[623], st[0]);
+}
+
+int32_t nvfp4_mt_uniform(uint8_t *gstate, int64_t n, float *out) {
+    int32_t left; uint64_t next64; uint64_t w[624]; uint32_t st[624];
+    memcpy(&left, gstate + 8, 4);
+    memcpy(&next64, gstate + 16, 8);
+    if (left <= 0 || left > 624 || next64 > 624 || (int64_t)next64 + left - 1 > 624) return -1;
+    memcpy(w, gstate + 24, sizeof w);
+    for (int i = 0; i < 624; i++) st[i] = (uint32_t)w[i];
+    int64_t next = (int64_t)next64;
+    for (int64_t k = 0; k < n;) {
+        /* the engine regenerates when a draw decrements left to 0, then reads state[0] */
+        if (left == 1) { mt_regenerate(st); left = 625; next = 0; }
+        int64_t m = left - 1;
+        if (m > n - k) m = n - k;
+        const uint32_t *src = st + next;
+        for (int64_t i = 0; i < m; i++) {
+            uint32_t y = src[i];
+            y ^= (y >> 11);
+            y ^= (y << 7) & 0x9D2C5680u;
+            y ^= (y << 15) & 0xEFC60000u;
+            y ^= (y >> 18);
+            out[k + i] = (float)(int32_t)(y & 0xFFFFFFu) * 0x1.0p-24f;
+        }
+        k += m; next += m; left -= (int32_t)m;
+    }
+    for (int i = 0; i < 624; i++) w[i] = st[i];
+    next64 = (uint64_t)next;
+    memcpy(gstate + 8, &left, 4);
+    memcpy(gstate + 16, &next64, 8);
+    memcpy(gstate + 24, w, sizeof w);
+    return 0;
+}
+
+/* out [C, Tp] = float32 of the transpose of x [T, C] (row stride ldx elements), zero in columns T..Tp-1:
+   a pure copy (bfloat16 widens exactly), in 32 x 32 tiles for the cache. */
+#define TRANSPOSE_PAD(NAME, TYPE, LOAD)                                                          \
+void NAME(const TYPE *x, int64_t T, int64_t C, int64_t ldx, int64_t Tp, float *out) {            \
+    for (int64_t c0 = 0; c0 < C; c0 += 32) {                                                     \
+        int64_t c1 = C - c0 < 32 ? C : c0 + 32;                                                  \
+        for (int64_t t0 = 0; t0 < T; t0 += 32) {                                                 \
+            int64_t t1 = T - t0 < 32 ? T : t0 + 32;                                              \
+            for (int64_t c = c0; c < c1; c++)                                                    \
+                for (int64_t t = t0; t < t1; t++) out[c * Tp + t] = LOAD(x[t * ldx + c]);        \
+        }                                                                                        \
+        for (int64_t c = c0; c < c1; c++)                                                        \
+            for (int64_t t = T; t < Tp; t++) out[c * Tp + t] = 0.0f;                             \
+    }                                                                                            \
+}
+#define LOAD_AS_F32(v) (v)
+#define LOAD_BF16_AS_F32(v) u2f((uint32_t)(v) << 16)
+TRANSPOSE_PAD(nvfp4_transpose_pad_f32, float, LOAD_AS_F32)
+TRANSPOSE_PAD(nvfp4_transpose_pad_bf16, uint16_t, LOAD_BF16_AS_F32)
+
+/* MXFP8 quantize-dequantize (E4M3 elements, one E8M0 scale per 32, the "rceil" rule) of nb blocks of
+   float32, formats/mx.py's steps: amax = max |x| (integer max of the bits, as above); exponent
+   e = ceil(log2(amax * inv_max)) read from the bits (-127 when amax or that product is 0), clamped to
+   [-127, 127]; scaled = x * 2^-e (one rounded product); the E4M3 code of clamp(scaled, -448, 448) by
+   e4m3_rtne with the sign bit of scaled; out = e4m3_value[code] * 2^e (exact). Returns the largest
+   |x| bit pattern (the caller raises for NaN/inf; such blocks are left unwritten). */
+static inline int32_t ceil_log2_pos(float r) {
+    uint32_t u = f2u(r);
+    int32_t e = (int32_t)(u >> 23);
+    uint32_t m = u & 0x7FFFFFu;
+    if (e == 0) {                                  /* subnormal (m != 0) */
+        int32_t f = (31 - __builtin_clz(m)) - 149;
+        return (m & (m - 1)) ? f + 1 : f;
+    }
+    return (e - 127) + (m != 0);
+}
+
+static inline float pow2f(int32_t e) {            /* exact 2^e, e in [-149, 127] */
+    return e >= -126 ? u2f((uint32_t)(e + 127) << 23) : u2f(1u << (e + 149));
+}
+
+uint32_t mxfp8_fake_quant_f32(const uint32_t *x, int64_t nb, float inv_max, const float *e4m3_value, float *out) {
+    uint32_t all = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint32_t *p = x + b * 32;
+        uint32_t m = 0;
+        for (int j = 0; j < 32; j++) { uint32_t a = p[j] & 0x7FFFFFFFu; m = a > m ? a : m; }
+        all = m > all ? m : all;
+        if (m >= 0x7F800000u) continue;
+        float ratio = u2f(m) * inv_max;
+        int32_t e = (m != 0 && ratio > 0.0f) ? ceil_log2_pos(ratio) : -127;
+        e = e < -127 ? -127 : (e > 127 ? 127 : e);
+        float inv = pow2f(-e), sc = pow2f(e);
+        float *o = out + b * 32;
+        for (int j = 0; j < 32; j++) {
+            uint32_t v = f2u(u2f(p[j]) * inv);
+            float a = u2f(v & 0x7FFFFFFFu);
+            a = a < 448.0f ? a : 448.0f;
+            o[j] = e4m3_value[e4m3_rtne(a) | ((v >> 31) << 7)] * sc;
+        }
+    }
+    return all;
+}
+
+/* Block values of nb blocks, no global scale: out[16b + j] = the E2M1 value of element j times the
+   float32 value of block b's E4M3 scale (scale_value[code], torch's own conversion): one exact
+   product, as formats.nvfp4.block_values computes it. Element 2k is the low nibble of byte k. */
+void nvfp4_block_values(const uint8_t *packed, const uint8_t *scale, int64_t nb, const float *scale_value,
+                        float *out) {
+    for (int64_t b = 0; b < nb; b++) {
+        float s = scale_value[scale[b]];
+        const uint8_t *p = packed + b * 8;
+        float *o = out + b * 16;
+        for (int k = 0; k < 8; k++) {
+            o[2 * k] = E2M1_VALUE[p[k] & 0xF] * s;
+            o[2 * k + 1] = E2M1_VALUE[p[k] >> 4] * s;
+        }
+    }
+}
 """
 
 # IEEE float semantics: no fast-math, no FMA contraction. -fno-trapping-math only declares that no
@@ -458,6 +615,18 @@ def _declare(lib) -> None:
     lib.nvfp4_mse_encode_f32.restype = None
     lib.nvfp4_e4m3_rtne_f32.argtypes = [P, N, P]
     lib.nvfp4_e4m3_rtne_f32.restype = None
+    lib.nvfp4_tensor_scales.argtypes = [F32, F32, F32, P, P, P]
+    lib.nvfp4_tensor_scales.restype = None
+    lib.nvfp4_block_values.argtypes = [P, P, N, P, P]
+    lib.nvfp4_block_values.restype = None
+    lib.mxfp8_fake_quant_f32.argtypes = [P, N, F32, P, P]
+    lib.mxfp8_fake_quant_f32.restype = ctypes.c_uint32
+    lib.nvfp4_mt_uniform.argtypes = [P, N, P]
+    lib.nvfp4_mt_uniform.restype = ctypes.c_int32
+    for name in ("nvfp4_transpose_pad_f32", "nvfp4_transpose_pad_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [P, N, N, N, N, P]
+        fn.restype = None
 
 
 def _load():
@@ -584,14 +753,39 @@ def quantize_parts(
     and calls during ``torch.compile`` tracing), and so is everything when the kernel could not be
     built (the reason is logged once).
     """
-    block = tuple(block)
+    return _quantize(x, tuple(block), rounding, generator, global_amax, scale_rule, name, False)[0]
+
+
+def quantize_values(
+    x: torch.Tensor,
+    *,
+    block=BLOCK_1D,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    global_amax=None,
+    scale_rule: str = "max",
+    name: str = "input",
+) -> tuple[NVFP4Parts, torch.Tensor]:
+    """:func:`quantize_parts` and the parts' block values in the same call: float32 ``[..., K]``,
+    E2M1 value times the float32 E4M3 block scale, no global scale, the numbers of
+    :func:`nvfp4kit.formats.nvfp4.block_values` (one exact product per element, written by the
+    kernel right after the codes)."""
+    return _quantize(x, tuple(block), rounding, generator, global_amax, scale_rule, name, True)
+
+
+def _reference(x, block, rounding, generator, global_amax, scale_rule, name, values: bool):
+    parts = reference_quantize_parts(x, block, rounding, generator, global_amax, scale_rule, name)
+    return parts, (reference_block_values(parts) if values else None)
+
+
+def _quantize(x, block, rounding, generator, global_amax, scale_rule, name, values: bool):
     _check_structure(x, name, block)
     if _delegate(x, rounding, scale_rule):
-        return reference_quantize_parts(x, block, rounding, generator, global_amax, scale_rule, name)
+        return _reference(x, block, rounding, generator, global_amax, scale_rule, name, values)
     try:
         lib = _load()
     except RuntimeError:
-        return reference_quantize_parts(x, block, rounding, generator, global_amax, scale_rule, name)
+        return _reference(x, block, rounding, generator, global_amax, scale_rule, name, values)
 
     x = x.detach().resolve_neg()
     if x.dtype == torch.float64:
@@ -620,25 +814,25 @@ def quantize_parts(
         except ValueError:
             check_quantizable(x, name, block)  # the reference reports bad data before a bad amax
             raise
-        s_dec, factor, enc_table = _scales(amax)
+        s_dec, factor, enc_table = _scales(lib, float(amax))
         tp = enc_table.data_ptr()
         fn = lib.nvfp4_encode_one_pass_bf16 if bf16 else lib.nvfp4_encode_one_pass_f32
         top = max(_run(lambda s, e: fn(xp + s * BLOCK_SIZE * elem, e - s, factor, tp,
                                        pp + s * (BLOCK_SIZE // 2), sp + s), ranges))
         _reject_non_finite(top, x, name, block)
-        return _parts(packed, scale, s_dec, shape, block)
+        return _parts(packed, scale, s_dec, shape, block), _values(lib, packed, scale, shape, ranges, values)
 
     # pass 1: block amax (and the tensor amax / non-finite detection)
     amax_fn = lib.nvfp4_block_amax_bf16 if bf16 else lib.nvfp4_block_amax_f32
-    b_amax = torch.empty(nb, dtype=torch.float32)
+    b_amax = _scratch("block_amax", nb)
     bp = b_amax.data_ptr()
     top = max(_run(lambda s, e: amax_fn(xp + s * BLOCK_SIZE * elem, e - s, bp + 4 * s), ranges))
     _reject_non_finite(top, x, name, block)
     if global_amax is not None:
-        amax = _as_amax(global_amax, x.device)
+        amax = float(_as_amax(global_amax, x.device))
     else:
-        amax = torch.tensor(struct.unpack("<f", struct.pack("<I", top))[0], dtype=torch.float32)
-    s_dec, factor, enc_table = _scales(amax)
+        amax = struct.unpack("<f", struct.pack("<I", top))[0]
+    s_dec, factor, enc_table = _scales(lib, amax)
     tp = enc_table.data_ptr()
     if block == BLOCK_2D:
         M = shape[-2]
@@ -647,7 +841,7 @@ def quantize_parts(
     # pass 2: block scales, codes, packing
     if sr:
         # the reference's one draw: torch.rand over the blocked shape [..., K/16, 16]
-        uniform = torch.rand((*shape[:-1], K // BLOCK_SIZE, BLOCK_SIZE), generator=generator, dtype=torch.float32)
+        uniform = _uniform(lib, (*shape[:-1], K // BLOCK_SIZE, BLOCK_SIZE), generator)
         up = uniform.data_ptr()
         fn = lib.nvfp4_encode_sr_bf16 if bf16 else lib.nvfp4_encode_sr_f32
         _run(lambda s, e: fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
@@ -656,17 +850,153 @@ def quantize_parts(
         fn = lib.nvfp4_encode_bf16 if bf16 else lib.nvfp4_encode_f32
         _run(lambda s, e: fn(xp + s * BLOCK_SIZE * elem, bp + 4 * s, e - s, factor, tp,
                              pp + s * (BLOCK_SIZE // 2), sp + s), ranges)
-    return _parts(packed, scale, s_dec, shape, block)
+    return _parts(packed, scale, s_dec, shape, block), _values(lib, packed, scale, shape, ranges, values)
 
 
-def _scales(amax: torch.Tensor):
-    """S_dec, the float32 factor S_enc * (1/6) and the 128-entry encode-multiplier table, by the
-    reference's own functions."""
-    s_enc = global_encode_scale(amax, NVFP4_RANGE)
-    s_dec = decode_from_encode(s_enc)
-    factor = float(s_enc.float() * _INV_E2M1_MAX)  # a float32 value, passed to C exactly
-    codes = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    return s_dec, factor, nvfp4_block_encode_scale(codes, s_dec).contiguous()
+def _values(lib, packed, scale, shape, ranges, wanted: bool):
+    """The block values of freshly encoded parts (None unless ``wanted``), over the same ranges."""
+    if not wanted:
+        return None
+    out = torch.empty(shape, dtype=torch.float32)
+    op, pp, sp, tp = out.data_ptr(), packed.data_ptr(), scale.data_ptr(), _e4m3_values().data_ptr()
+    _run(lambda s, e: lib.nvfp4_block_values(pp + s * (BLOCK_SIZE // 2), sp + s, e - s, tp,
+                                             op + 4 * BLOCK_SIZE * s), ranges)
+    return out
+
+
+# Whether the kernel's mt19937 draws equal torch.rand's here (checked once per process); None: not yet.
+_MT_MATCHES: bool | None = None
+_MT_MIN_NUMEL = 256  # below this, torch.rand's own call costs less than the state round trip
+
+
+def _mt_check(lib) -> bool:
+    """Draw with the kernel and with torch.rand from two copies of one seeded generator (across a
+    state regeneration): the same numbers and the same state after, or the kernel is not used."""
+    g = torch.Generator().manual_seed(20251)
+    torch.rand(1000, generator=g)
+    state = g.get_state()
+    out = torch.empty(2 * 624 + 7, dtype=torch.float32)
+    if lib.nvfp4_mt_uniform(state.data_ptr(), out.numel(), out.data_ptr()) != 0:
+        return False
+    ref = torch.rand(out.numel(), generator=g)
+    return torch.equal(out, ref) and torch.equal(state, g.get_state())
+
+
+def _uniform(lib, shape, generator: torch.Generator | None) -> torch.Tensor:
+    """``torch.rand(shape, generator=generator)`` (float32; the default CPU generator for None):
+    the same numbers, and the generator left in the same state, drawn by the kernel's copy of
+    torch's mt19937 when it matches torch here (checked once), by torch.rand otherwise."""
+    global _MT_MATCHES
+    gen = torch.default_generator if generator is None else generator
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel < _MT_MIN_NUMEL or gen.device.type != "cpu":
+        return torch.rand(shape, generator=generator, dtype=torch.float32)
+    if _MT_MATCHES is None:
+        _MT_MATCHES = _mt_check(lib)
+    if not _MT_MATCHES:
+        return torch.rand(shape, generator=generator, dtype=torch.float32)
+    state = gen.get_state()
+    out = _scratch("uniform", numel).view(shape)  # read by the encode pass only: never returned
+    if lib.nvfp4_mt_uniform(state.data_ptr(), numel, out.data_ptr()) != 0:
+        return torch.rand(shape, generator=generator, dtype=torch.float32)
+    gen.set_state(state)
+    return out
+
+
+# Temporaries of one call (block amax, uniform draws), kept per thread up to this many float32 elements:
+# a fresh large buffer costs a page fault per 4 KiB on first touch, more than the pass that fills it.
+SCRATCH_MAX_NUMEL = 1 << 22
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, numel: int) -> torch.Tensor:
+    """A float32 buffer of ``numel`` elements for a temporary the caller fills and drops before it
+    returns (reused by the next call on this thread; fresh above :data:`SCRATCH_MAX_NUMEL`)."""
+    if numel > SCRATCH_MAX_NUMEL:
+        return torch.empty(numel, dtype=torch.float32)
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1 << 12), dtype=torch.float32)
+        setattr(_SCRATCH, name, buf)
+    return buf[:numel]
+
+
+def transpose_padded(t: torch.Tensor, multiple: int) -> torch.Tensor | None:
+    """``t [T, C]`` (float32 or bfloat16, CPU, unit column stride) as a contiguous float32 ``t^T``
+    ``[C, T_pad]`` with zero columns past T (T_pad: T rounded up to ``multiple``): a pure copy, so
+    the values of ``F.pad(t, ...).t().float()``. None where the kernel cannot run (the caller copies
+    with torch)."""
+    if (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu" or t.ndim != 2
+            or t.dtype not in (torch.float32, torch.bfloat16) or t.stride(1) != 1 or t.is_neg() or t.is_conj()
+            or torch.compiler.is_compiling()):
+        return None
+    try:
+        lib = _load()
+    except RuntimeError:
+        return None
+    T, C = t.shape
+    Tp = T + (-T % multiple)
+    out = torch.empty((C, Tp), dtype=torch.float32)
+    fn = lib.nvfp4_transpose_pad_bf16 if t.dtype == torch.bfloat16 else lib.nvfp4_transpose_pad_f32
+    fn(t.data_ptr(), T, C, t.stride(0), Tp, out.data_ptr())
+    return out
+
+
+# float32(1 / 448), as formats.mx computes it
+_INV_E4M3_MAX = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(448.0, dtype=torch.float32))
+
+
+def mxfp8_fake_quantize(x: torch.Tensor, name: str = "input") -> torch.Tensor:
+    """``mx_dequantize(mx_quantize(x, "e4m3", "rceil"))`` of :mod:`nvfp4kit.formats.mx` as float32,
+    bit-identical, in one kernel pass (float32/bfloat16 CPU tensors; the reference answers the rest,
+    and raises its own errors)."""
+    from ..formats.mx import MX_BLOCK_SIZE, mx_dequantize, mx_quantize
+
+    if (type(x) not in (torch.Tensor, torch.nn.Parameter) or x.device.type != "cpu" or x.ndim == 0
+            or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] % MX_BLOCK_SIZE or x.numel() == 0
+            or torch.compiler.is_compiling()):
+        return mx_dequantize(mx_quantize(x, "e4m3", name=name))
+    try:
+        lib = _load()
+    except RuntimeError:
+        return mx_dequantize(mx_quantize(x, "e4m3", name=name))
+    xf = x.detach().resolve_neg().float().contiguous()  # exact for bfloat16
+    out = torch.empty(xf.shape, dtype=torch.float32)
+    xp, op, tp = xf.data_ptr(), out.data_ptr(), _e4m3_values().data_ptr()
+    nb = xf.numel() // MX_BLOCK_SIZE
+    step = 4 * MX_BLOCK_SIZE
+    top = max(_run(lambda s, e: lib.mxfp8_fake_quant_f32(xp + s * step, e - s, _INV_E4M3_MAX, tp, op + s * step),
+                   _ranges(nb)))
+    if top >= _FP32_INF_BITS:
+        mx_quantize(x, "e4m3", name=name)  # raises the reference's NaN/inf error
+        raise ValueError(f"{name}: contains NaN or inf values; MXFP8 has no encoding for them")
+    return out
+
+
+_E4M3_VALUES: torch.Tensor | None = None
+_INV6 = float(_INV_E2M1_MAX)  # float32(1/6), passed to C exactly
+
+
+def _e4m3_values() -> torch.Tensor:
+    """The float32 value of every E4M3 code 0..255, by torch's own conversion."""
+    global _E4M3_VALUES
+    if _E4M3_VALUES is None:
+        _E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().contiguous()
+    return _E4M3_VALUES
+
+
+def _scales(lib, amax: float):
+    """S_dec (a float32 0-dim tensor), the float32 factor S_enc * (1/6) and the 128-entry
+    encode-multiplier table of a tensor amax (a float32 value): the formulas of
+    :mod:`nvfp4kit.formats.scales` (``global_encode_scale``, ``decode_from_encode``,
+    ``nvfp4_block_encode_scale``) in one C call, step for step in float32 (same bits, tested)."""
+    buf = torch.empty(3 + 128, dtype=torch.float32)
+    bp = buf.data_ptr()
+    lib.nvfp4_tensor_scales(amax, NVFP4_RANGE, _INV6, _e4m3_values().data_ptr(), bp, bp + 12)
+    _, s_dec, factor = buf[:3].tolist()
+    return torch.tensor(s_dec, dtype=torch.float32), factor, buf[3:]
 
 
 def _reject_non_finite(top_bits: int, x, name: str, block) -> None:

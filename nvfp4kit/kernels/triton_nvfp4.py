@@ -4,11 +4,11 @@ Every kernel here has a plain torch reference in :mod:`nvfp4kit.formats` (for th
 :func:`nvfp4kit.formats.hadamard.rht_butterfly`) and is tested against it bit for bit under the Triton
 interpreter (``TRITON_INTERPRET=1`` on CPU tensors). On CUDA the same source compiles to GPU code.
 
-Which kernels the library calls today: only :func:`quantize_parts`, through
-:mod:`nvfp4kit.kernels.dispatch` (``backend="auto"`` on CUDA tensors). The others
-(:func:`quantize_rowwise_columnwise`, :func:`rht_quantize`, :func:`global_amax`, :func:`dequantize`,
-:func:`nvfp4_gemm`, :func:`mxfp8_quantize`) are exact and tested, and are reached from benchmarks and
-tests only until the training recipe's CUDA path (``nvfp4kit.training.qlinear``) is wired to them.
+Which kernels the library calls, always through :mod:`nvfp4kit.kernels.dispatch`: :func:`quantize_parts`
+(``backend="auto"`` on CUDA tensors), and in the NVFP4 training recipe's fused path
+(``NVFP4FusedLinear`` of ``nvfp4kit.training.qlinear``, on CUDA) :func:`quantize_rowwise_columnwise`, :func:`rht_quantize`,
+:func:`global_amax` and :func:`dequantize` (the exact bf16 block values its GEMMs multiply).
+:func:`nvfp4_gemm` and :func:`mxfp8_quantize` are exact and tested, reached from benchmarks and tests only.
 
 Kernels
 -------
@@ -503,6 +503,23 @@ def _prepare(x: torch.Tensor, name: str, block) -> torch.Tensor:
     return x
 
 
+def _amax_arg(global_amax, device, nonfinite) -> torch.Tensor:
+    """The caller's global amax: validated (a host sync) unless the check is deferred (``nonfinite`` given),
+    where a device tensor is used as it is."""
+    if nonfinite is None:
+        return _as_amax(global_amax, device)
+    return torch.as_tensor(global_amax, dtype=torch.float32, device=device).reshape(())
+
+
+def _check_nonfinite(bad: torch.Tensor, x: torch.Tensor, name: str, nonfinite) -> None:
+    """Raise for NaN/inf now, or (``nonfinite``: an int32 device tensor) add the count there without a host
+    sync, for the caller to check once later (the training recipe checks once per step)."""
+    if nonfinite is None:
+        _raise_if_nonfinite(bad, x, name)
+    else:
+        nonfinite.add_(bad.sum().to(nonfinite.dtype))
+
+
 def _raise_if_nonfinite(bad: torch.Tensor, x: torch.Tensor, name: str) -> None:
     if bool(bad.any()):
         check_quantizable(x, name)  # raises the reference's NaN/inf message
@@ -589,8 +606,9 @@ def _check_tile(tile, two_d=False):
 
 @torch.no_grad()
 def quantize_parts(x: torch.Tensor, *, block=BLOCK_1D, rounding="nearest", generator=None, global_amax=None,
-                   scale_rule="max", name: str = "input", tile=None) -> NVFP4Parts:
+                   scale_rule="max", name: str = "input", tile=None, nonfinite=None) -> NVFP4Parts:
     """Fused NVFP4 quantize; same semantics and input checks as ``formats.nvfp4.quantize_parts``.
+    ``nonfinite`` (an int32 device tensor): defer the NaN/inf check there (no host sync; see ``_check_nonfinite``).
 
     Bit-identical to the reference for ``rounding="nearest"``. ``"stochastic"`` draws from a Philox
     stream seeded by ``generator`` (reproducible per generator state, unbiased). ``scale_rule="4over6"``
@@ -611,14 +629,14 @@ def quantize_parts(x: torch.Tensor, *, block=BLOCK_1D, rounding="nearest", gener
     two_d = block == BLOCK_2D
     x3 = _view_3d(x, two_d)
     if global_amax is not None:
-        amax = _as_amax(global_amax, x.device)
+        amax = _amax_arg(global_amax, x.device, nonfinite)
         bad_amax = None
     else:
         amax, _, bad_amax = _run_amax(x3)
     seeds = _seeds(rounding, generator, x.device)
     r, _, bad = _launch_quantize(x3, row=True, col=False, two_d=two_d, stochastic=rounding == "stochastic",
                                  row_amax=amax, col_amax=None, seeds=seeds, rng_range=NVFP4_RANGE, tile=tile)
-    _raise_if_nonfinite(bad, x, name)
+    _check_nonfinite(bad, x, name, nonfinite)
     packed, scale, sdec = r
     return NVFP4Parts(packed.reshape(*x.shape[:-1], -1), scale.reshape(*x.shape[:-1], -1), sdec, block)
 
@@ -626,15 +644,13 @@ def quantize_parts(x: torch.Tensor, *, block=BLOCK_1D, rounding="nearest", gener
 @torch.no_grad()
 def quantize_rowwise_columnwise(x: torch.Tensor, *, rounding="nearest", generator=None, global_amax=None,
                                 columnwise_rht: bool = False, rht_sign=None, columnwise_global_amax=None,
-                                name: str = "input", tile=None) -> tuple[NVFP4Parts, NVFP4Parts]:
+                                name: str = "input", tile=None, nonfinite=None) -> tuple[NVFP4Parts, NVFP4Parts]:
     """1x16 parts of ``x`` (rows = all leading dims flattened, ``[T, K]``) and of ``x^T`` (``[K, T]``,
     blocks along T) from one read of ``x`` in one launch.
 
     Bit-identical (nearest) to ``reference(x2)`` and ``reference(x2.T)`` where ``x2 = x.reshape(-1, K)``;
     with ``columnwise_rht=True`` the columnwise operand is ``rht_butterfly(x2.T)`` (amax after the transform,
     kept in float32), as the wgrad GEMM needs. ``T`` must be a multiple of 16.
-
-    Not called by library code yet (benchmarks and tests only; see the module docstring).
     """
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
@@ -658,16 +674,17 @@ def quantize_rowwise_columnwise(x: torch.Tensor, *, rounding="nearest", generato
     need_col = columnwise_rht and columnwise_global_amax is None
     if need_row or need_col:
         r_amax, c_amax, _ = _run_amax(x3, col=need_col, col_rht=columnwise_rht, sign_mask=sign_mask)
-    row_amax = _as_amax(global_amax, x.device) if global_amax is not None else r_amax
+    row_amax = _amax_arg(global_amax, x.device, nonfinite) if global_amax is not None else r_amax
     if columnwise_rht:
-        col_amax = _as_amax(columnwise_global_amax, x.device) if columnwise_global_amax is not None else c_amax
+        col_amax = (_amax_arg(columnwise_global_amax, x.device, nonfinite) if columnwise_global_amax is not None
+                    else c_amax)
     else:
         col_amax = row_amax
     seeds = _seeds(rounding, generator, x.device)
     r, c, bad = _launch_quantize(x3, row=True, col=True, two_d=False, stochastic=rounding == "stochastic",
                                  row_amax=row_amax, col_amax=col_amax, seeds=seeds, rng_range=NVFP4_RANGE,
                                  col_rht=columnwise_rht, sign_mask=sign_mask, tile=tile)
-    _raise_if_nonfinite(bad, x, name)
+    _check_nonfinite(bad, x, name, nonfinite)
     rw = NVFP4Parts(r[0].reshape(*x.shape[:-1], -1), r[1].reshape(*x.shape[:-1], -1), r[2], BLOCK_1D)
     cw = NVFP4Parts(c[0], c[1], c[2], BLOCK_1D)
     return rw, cw
@@ -675,12 +692,10 @@ def quantize_rowwise_columnwise(x: torch.Tensor, *, rounding="nearest", generato
 
 @torch.no_grad()
 def rht_quantize(x: torch.Tensor, *, rounding="nearest", generator=None, global_amax=None, rht_sign=None,
-                 name: str = "input", tile=None) -> NVFP4Parts:
+                 name: str = "input", tile=None, nonfinite=None) -> NVFP4Parts:
     """Fused RHT (16-point, along the last dim, sign vector applied in registers) + 1x16 quantize, amax
     taken after the transform. Bit-identical (nearest) to ``reference(rht_butterfly(x))``. For a wgrad
     operand pass the transposed view (``dy.t()``): strides are read in place, no copy.
-
-    Not called by library code yet (benchmarks and tests only; see the module docstring).
     """
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
@@ -692,23 +707,22 @@ def rht_quantize(x: torch.Tensor, *, rounding="nearest", generator=None, global_
         return reference_quantize_parts(x, BLOCK_1D, rounding, generator, global_amax, "max", name)
     x3 = _view_3d(x, False)
     if global_amax is not None:
-        amax = _as_amax(global_amax, x.device)
+        amax = _amax_arg(global_amax, x.device, nonfinite)
     else:
         amax, _, _ = _run_amax(x3, row_rht=True, sign_mask=sign_mask)
     seeds = _seeds(rounding, generator, x.device)
     r, _, bad = _launch_quantize(x3, row=True, col=False, two_d=False, stochastic=rounding == "stochastic",
                                  row_amax=amax, col_amax=None, seeds=seeds, rng_range=NVFP4_RANGE,
                                  row_rht=True, sign_mask=sign_mask, tile=tile)
-    _raise_if_nonfinite(bad, x, name)
+    _check_nonfinite(bad, x, name, nonfinite)
     return NVFP4Parts(r[0].reshape(*x.shape[:-1], -1), r[1].reshape(*x.shape[:-1], -1), r[2], BLOCK_1D)
 
 
 @torch.no_grad()
-def global_amax(x: torch.Tensor, *, rht: bool = False, rht_sign=None, name: str = "input") -> torch.Tensor:
+def global_amax(x: torch.Tensor, *, rht: bool = False, rht_sign=None, name: str = "input",
+                nonfinite=None) -> torch.Tensor:
     """max |x| (float32 0-dim) as a two-phase reduction; with ``rht=True`` max |rht_butterfly(x)|.
-    NaN/inf raise ``ValueError``.
-
-    Not called by library code yet (benchmarks and tests only; see the module docstring).
+    NaN/inf raise ``ValueError`` (or, with ``nonfinite``, are counted there without a host sync).
     """
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -724,7 +738,9 @@ def global_amax(x: torch.Tensor, *, rht: bool = False, rht_sign=None, name: str 
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
     amax, _, bad = _run_amax(_view_3d(x, False), row_rht=rht, sign_mask=_sign_mask(rht_sign) if rht else 0)
-    if bool(bad.any()):
+    if nonfinite is not None:
+        nonfinite.add_(bad.sum().to(nonfinite.dtype))
+    elif bool(bad.any()):
         raise ValueError(f"{name}: contains NaN or inf values; its amax is not defined for NVFP4 scaling")
     return amax
 
@@ -750,8 +766,6 @@ def _check_parts(parts: NVFP4Parts, name: str):
 def dequantize(parts: NVFP4Parts, dtype: torch.dtype = torch.float32, *, name: str = "input") -> torch.Tensor:
     """``e2m1_value * (fp32(block_scale) * global_decode_scale)`` cast to ``dtype`` (RTNE); bit-identical to
     ``formats.nvfp4.dequantize_parts``.
-
-    Not called by library code yet (benchmarks and tests only; see the module docstring).
     """
     _check_parts(parts, name)
     if dtype not in _OUT_KIND:
@@ -780,8 +794,6 @@ def nvfp4_gemm(a: NVFP4Parts, b: NVFP4Parts, out_dtype: torch.dtype = torch.floa
     """Emulated NVFP4 GEMM ``a [..., M, K] @ b [N, K]^T``: ``tl.dot`` on dequantized tiles (exact in
     tf32) with float32 accumulation, times ``g_a * g_b`` once at the end. Equals
     ``formats.gemm.nvfp4_gemm`` up to the float32 summation order (bit-identical when the sums are exact).
-
-    Not called by library code yet (benchmarks and tests only; see the module docstring).
     """
     _check_parts(a, "a")
     _check_parts(b, "b")
@@ -820,8 +832,6 @@ def nvfp4_gemm(a: NVFP4Parts, b: NVFP4Parts, out_dtype: torch.dtype = torch.floa
 def mxfp8_quantize(x: torch.Tensor, scale_rule: str = "rceil", *, name: str = "input") -> MXParts:
     """MXFP8 (E4M3 elements, E8M0 scale per 32 along the last dim); bit-identical to
     ``formats.mx.mx_quantize(x, "e4m3", scale_rule)``.
-
-    Not called by library code yet (benchmarks and tests only; see the module docstring).
     """
     if scale_rule not in ("rceil", "floor"):
         raise ValueError(f"scale_rule must be 'rceil' or 'floor', got {scale_rule!r}")

@@ -21,6 +21,10 @@ E8M0/fp32 scale for the FP8 formats) and accumulate in float32, as a tensor core
 switched off inside, so the result is the same under ``torch.autocast``. Stochastic rounding draws
 from torch's default generator of the device (checkpoint its state for exact resume), in this order
 per backward call: the dgrad ``dy`` ``[T, N]`` first, then the wgrad ``dy^T`` ``[N, T_pad]``.
+
+On CUDA (or inside ``kernels.dispatch.force_fused``) the NVFP4 recipe runs as :class:`NVFP4FusedLinear`:
+the same recipe on the fused Triton kernels with exact bf16 GEMMs and no host sync per Linear (its section
+below); on the CPU as :class:`NVFP4RecipeLinear`, whose numerics the compiled CPU kernels keep.
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ import torch.nn.functional as F
 from ..formats.e2m1 import e2m1_value_table
 from ..formats.fp8 import fp8_dequantize, fp8_quantize, fp8_scale
 from ..formats.hadamard import DEFAULT_RHT_SIGN, RHT_SIZE, rht_matrix
-from ..formats.mx import MX_BLOCK_SIZE, mx_dequantize, mx_quantize
+from ..formats.mx import MX_BLOCK_SIZE
 from ..formats.nvfp4 import BLOCK_1D, BLOCK_2D, BLOCK_SIZE, NVFP4Parts
 from ..formats.scales import tensor_amax
+from ..kernels import dispatch
 from ..kernels.dispatch import backend_available
 from ..kernels.dispatch import quantize_parts as dispatch_quantize_parts
+from ..kernels.dispatch import mxfp8_fake_quantize as dispatch_mxfp8_fake_quantize
+from ..kernels.dispatch import quantize_values as dispatch_quantize_values
 from .precision import LinearPrecision, as_precision
 
 _AMAX_GROUP = None
@@ -54,14 +61,25 @@ def set_amax_reduction(group=None, enabled: bool = True) -> None:
     _AMAX_REDUCE = bool(enabled)
 
 
+def amax_reduction_enabled() -> bool:
+    """Whether :func:`set_amax_reduction` switched the cross-rank amax reduction on."""
+    return _AMAX_REDUCE
+
+
+def reduce_amax(amax: torch.Tensor) -> torch.Tensor:
+    """``amax`` all-reduced (MAX) over the amax group when one is initialised (on the device, no host sync)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        amax = amax.clone()
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=_AMAX_GROUP)
+    return amax
+
+
 def _global_amax(t: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     amax = tensor_amax(t)
     if _AMAX_REDUCE and reduce:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            amax = amax.clone()
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=_AMAX_GROUP)
+        amax = reduce_amax(amax)
     return amax
 
 
@@ -79,11 +97,6 @@ def default_rht_sign(size: int) -> tuple[int, ...]:
 def _check_rht_size(size: int) -> None:
     if size < BLOCK_SIZE or size & (size - 1):
         raise ValueError(f"LinearPrecision.rht_size must be a power of two >= {BLOCK_SIZE}, got {size}")
-
-
-def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
-    pad = -t.shape[0] % multiple
-    return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
 def _check_features(name: str, n: int, multiple: int, fmt: str, what: str) -> None:
@@ -133,10 +146,22 @@ def _q(t: torch.Tensor, block=BLOCK_1D, rounding="nearest", scale_rule="max", na
                           global_amax=_global_amax(t) if (_AMAX_REDUCE and reduce) else None)
 
 
+def _qv(t: torch.Tensor, block=BLOCK_1D, rounding="nearest", scale_rule="max", name="input",
+        reduce: bool = True) -> tuple[NVFP4Parts, torch.Tensor]:
+    """:func:`_q` and the parts' :func:`operand_values`, from one call of the quantize kernel on CPU."""
+    return dispatch_quantize_values(t, block=block, rounding=rounding, scale_rule=scale_rule, name=name,
+                                    global_amax=_global_amax(t) if (_AMAX_REDUCE and reduce) else None,
+                                    backend=_backend_for(t.device.type))
+
+
+def _weight_format(precision: LinearPrecision) -> dict:
+    return dict(block=BLOCK_2D if precision.weight_2d else BLOCK_1D,
+                scale_rule="4over6" if precision.four_over_six else "max", name="weight")
+
+
 def quantize_weight(weight: torch.Tensor, precision: LinearPrecision) -> NVFP4Parts:
     """The fprop weight operand: 16x16 blocks (or 1x16), Four Over Six scales if switched on."""
-    return quantize_parts(weight.detach(), block=BLOCK_2D if precision.weight_2d else BLOCK_1D,
-                          scale_rule="4over6" if precision.four_over_six else "max", name="weight")
+    return quantize_parts(weight.detach(), **_weight_format(precision))
 
 
 @lru_cache(maxsize=None)
@@ -176,12 +201,24 @@ def wgrad_operands(dy: torch.Tensor, x: torch.Tensor, precision: LinearPrecision
 
     The RHT is :func:`nvfp4kit.formats.hadamard.rht` along the token dim, computed as one
     ``[rows * T / size, size] @ H`` product on the transposed operand (the same float32 numbers)."""
+    (q_dy, _), (q_x, _) = _wgrad_operands(dy, x, precision, values=False)
+    return q_dy, q_x
+
+
+def _transpose_padded(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``t [T, C]`` as float32 ``t^T [C, T_pad]``, contiguous, zero past T: one copy."""
+    return dispatch.transpose_padded(t, multiple, backend=_backend_for(t.device.type))
+
+
+def _wgrad_operands(dy, x, precision: LinearPrecision, values: bool):
+    """:func:`wgrad_operands` as ``(parts, values)`` pairs (values None unless ``values``)."""
+    quantize = _qv if values else (lambda t, **kw: (_q(t, **kw), None))
     multiple = BLOCK_SIZE
     if precision.rht:
         _check_rht_size(precision.rht_size)
         multiple = max(multiple, precision.rht_size)
-    dy_t = _pad_rows(dy, multiple).t().float().contiguous()
-    x_t = _pad_rows(x, multiple).t().float().contiguous()
+    dy_t = _transpose_padded(dy, multiple)
+    x_t = _transpose_padded(x, multiple)
     if precision.rht:
         size = precision.rht_size
         sign = precision.rht_sign if precision.rht_sign is not None else default_rht_sign(size)
@@ -190,21 +227,22 @@ def wgrad_operands(dy: torch.Tensor, x: torch.Tensor, precision: LinearPrecision
         x_t = torch.mm(x_t.view(-1, size), H).view(x_t.shape)
     sr = "stochastic" if precision.stochastic_rounding else "nearest"
     red = precision.amax_reduction
-    q_dy = _q(dy_t, rounding=sr, name="grad_output^T", reduce=red)
-    q_x = _q(x_t, name="input^T", reduce=red)
+    q_dy = quantize(dy_t, rounding=sr, name="grad_output^T", reduce=red)
+    q_x = quantize(x_t, name="input^T", reduce=red)
     return q_dy, q_x
 
 
 class NVFP4RecipeLinear(torch.autograd.Function):
-    """``x [T, K] @ W [N, K]^T + b`` with the NVFP4 pretraining recipe (module docstring)."""
+    """``x [T, K] @ W [N, K]^T + b`` with the NVFP4 pretraining recipe (module docstring). Every
+    operand is quantized together with its values (``_qv``: one kernel call on CPU); the GEMMs are
+    those of :func:`nvfp4_gemm`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, precision: LinearPrecision, out_dtype):
         with _no_autocast(x.device.type):
-            q_x = _q(x, name="input", reduce=precision.amax_reduction)
-            q_w = quantize_weight(weight, precision)
-            w_vals = operand_values(q_w)
-            y = nvfp4_gemm(q_x, q_w, w_vals)
+            q_x, x_vals = _qv(x, name="input", reduce=precision.amax_reduction)
+            q_w, w_vals = _qv(weight.detach(), reduce=False, **_weight_format(precision))
+            y = torch.mm(x_vals, w_vals.t()).mul_(_alpha(q_x, q_w))
             if bias is not None:
                 y = y + bias.float()
         ctx.precision = precision
@@ -225,29 +263,186 @@ class NVFP4RecipeLinear(torch.autograd.Function):
         sr = "stochastic" if p.stochastic_rounding else "nearest"
         with _no_autocast(dy.device.type):
             if need_x:
-                q_dy = _q(dy, rounding=sr, name="grad_output", reduce=p.amax_reduction)
+                q_dy, dy_vals = _qv(dy, rounding=sr, name="grad_output", reduce=p.amax_reduction)
                 if p.weight_2d:
                     w_vals, w_decode = ctx.w_dgrad
-                    dx = torch.mm(operand_values(q_dy), w_vals).mul_(q_dy.global_decode_scale.float() * w_decode.float())
+                    dx = torch.mm(dy_vals, w_vals).mul_(q_dy.global_decode_scale.float() * w_decode.float())
                 else:  # 1x16 weights: W^T re-quantized with its blocks along N
-                    q_wt = quantize_parts(weight.detach().t(), block=BLOCK_1D, name="weight^T")
-                    dx = nvfp4_gemm(q_dy, q_wt)
+                    q_wt, wt_vals = _qv(weight.detach().t(), block=BLOCK_1D, name="weight^T", reduce=False)
+                    dx = torch.mm(dy_vals, wt_vals.t()).mul_(_alpha(q_dy, q_wt))
                 dx = dx.to(ctx.x_dtype)
             if need_w:
-                q_dy_t, q_x_t = wgrad_operands(dy, x, p)
-                dw = nvfp4_gemm(q_dy_t, q_x_t).to(ctx.w_dtype)
+                (q_dy_t, dy_t_vals), (q_x_t, x_t_vals) = _wgrad_operands(dy, x, p, values=True)
+                dw = torch.mm(dy_t_vals, x_t_vals.t()).mul_(_alpha(q_dy_t, q_x_t)).to(ctx.w_dtype)
             if need_b and ctx.has_bias:
                 db = dy.float().sum(0)
         ctx.w_dgrad = None
         return dx, dw, db, None, None
 
 
+# ----------------------------------------------------------------------------- NVFP4 recipe, fused kernels
+#
+# The path CUDA tensors take (``kernels.dispatch.fused_backend``): the recipe of NVFP4RecipeLinear (module
+# docstring), computed with the Triton kernels through ``nvfp4kit.kernels.dispatch``:
+#
+# * fprop: one launch quantizes ``x`` rowwise (1x16, for fprop) and ``RHT(x^T)`` (1x16 along tokens, for wgrad;
+#   only when the weight needs a gradient), and ``W`` is quantized in 16x16 tiles;
+# * dgrad: the same 16x16 ``W`` (its tiles serve ``W^T`` unchanged); ``dy`` quantized with stochastic rounding,
+#   in the same launch as ``RHT(dy^T)`` when both gradients are needed (``rht_quantize`` when only wgrad is);
+# * every GEMM multiplies the exact bf16 block values (E2M1 x E4M3, :func:`~nvfp4kit.kernels.dispatch.block_values`)
+#   with float32 accumulation and applies the two global scales once (``dispatch.values_gemm``);
+# * global amaxes stay on the device (two-phase reductions inside the kernels; all-reduced on the device when
+#   data parallelism asks for it), and NaN/inf checks are counted on the device and raised once per step
+#   (``dispatch.raise_if_nonfinite``, called by the training loop): no host sync per Linear.
+#
+# Numerics against the CPU path: every quantized operand is bit-identical to the torch reference for
+# round-to-nearest (the RHT is the butterfly of ``formats.hadamard.rht_butterfly``, which the CPU path computes
+# as a matrix product: equal up to float32 rounding of its sums); the GEMM sums differ only by float32
+# reassociation; stochastic rounding draws from the device's default generator through Philox (reproducible
+# per seed, unbiased, other draws than ``torch.rand``). ``dispatch.force_fused`` runs this path on CPU tensors
+# (Triton interpreter, or the torch reference of the same steps), which is how the tests prove it bit for bit.
+# RHT sizes other than 16 take the per-operation wgrad (``wgrad_operands``).
+
+
+def _first_rows(parts: NVFP4Parts, n: int) -> NVFP4Parts:
+    """The first ``n`` rows of rowwise parts (drops the zero rows a token pad added)."""
+    if parts.packed.shape[0] == n:
+        return parts
+    return NVFP4Parts(parts.packed[:n], parts.block_scale[:n], parts.global_decode_scale, parts.block)
+
+
+def _pad16(t: torch.Tensor) -> torch.Tensor:
+    pad = -t.shape[0] % BLOCK_SIZE
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+class _FusedOps:
+    """The dispatch calls of one Linear call: its backend, the NaN/inf counter, the amax reduction."""
+
+    def __init__(self, backend: str, device: torch.device, reduce: bool, precision: LinearPrecision):
+        self.backend = backend
+        self.nonfinite = dispatch.nonfinite_counter(device) if backend == "triton" else None
+        self.reduce = reduce and amax_reduction_enabled()
+        self.sign = None
+        if precision.rht:
+            self.sign = precision.rht_sign if precision.rht_sign is not None else default_rht_sign(RHT_SIZE)
+
+    def amax(self, t: torch.Tensor, rht: bool = False, name: str = "input"):
+        """The all-reduced global amax where data parallelism asks for it, else None (the kernel's own)."""
+        if not self.reduce:
+            return None
+        a = dispatch.global_amax(t, rht=rht, rht_sign=self.sign, backend=self.backend, name=name,
+                                 nonfinite=self.nonfinite)
+        return reduce_amax(a)
+
+    def quantize(self, t, block=BLOCK_1D, rounding="nearest", scale_rule="max", name="input", amax=None):
+        return dispatch.fused_quantize(t, block, rounding, amax, scale_rule, self.backend, name, self.nonfinite)
+
+    def rowcol(self, t: torch.Tensor, rounding: str, rht: bool, name: str):
+        """Rowwise parts of ``t`` [T, C] and parts of ``RHT(t_pad^T)`` [C, T_pad] from one launch."""
+        tp = _pad16(t)
+        rw, cw = dispatch.quantize_rowwise_columnwise(
+            tp, rounding, self.amax(t, name=name), rht, self.sign, self.amax(tp.t(), rht=True, name=name) if rht
+            else None, self.backend, name, self.nonfinite)
+        return _first_rows(rw, t.shape[0]), cw
+
+    def columnwise(self, t: torch.Tensor, rounding: str, rht: bool, name: str) -> NVFP4Parts:
+        """Parts of ``RHT(t_pad^T)`` (or ``t_pad^T``) alone, read in place through the transposed view."""
+        tt = _pad16(t).t()
+        if rht:
+            return dispatch.rht_quantize(tt, rounding, self.amax(tt, rht=True, name=name), self.sign, self.backend,
+                                         name, self.nonfinite)
+        return self.quantize(tt, rounding=rounding, name=name, amax=self.amax(tt, name=name))
+
+    def values(self, parts: NVFP4Parts) -> torch.Tensor:
+        return dispatch.block_values(parts, torch.bfloat16, self.backend)
+
+    def gemm(self, a: NVFP4Parts, b: NVFP4Parts, b_values: torch.Tensor | None = None) -> torch.Tensor:
+        bv = self.values(b) if b_values is None else b_values
+        return dispatch.values_gemm(self.values(a), bv, _alpha(a, b))
+
+
+def fused_wgrad_supported(precision: LinearPrecision) -> bool:
+    """The fused kernels compute the 16-point RHT; other sizes take the per-operation wgrad."""
+    return not precision.rht or precision.rht_size == RHT_SIZE
+
+
+class NVFP4FusedLinear(torch.autograd.Function):
+    """``x [T, K] @ W [N, K]^T + b`` with the NVFP4 recipe on the fused kernels (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, precision: LinearPrecision, out_dtype, backend: str, grad_enabled: bool):
+        p = precision
+        ops = _FusedOps(backend, x.device, p.amax_reduction, p)
+        need_w = grad_enabled and ctx.needs_input_grad[1]  # no columnwise x for inference (no_grad)
+        fast_wgrad = need_w and fused_wgrad_supported(p)
+        with _no_autocast(x.device.type):
+            if fast_wgrad:
+                q_x, q_xt = ops.rowcol(x, "nearest", p.rht, "input")
+            else:
+                q_x, q_xt = ops.quantize(x, name="input", amax=ops.amax(x, name="input")), None
+            q_w = ops.quantize(weight.detach(), BLOCK_2D if p.weight_2d else BLOCK_1D,
+                               scale_rule="4over6" if p.four_over_six else "max", name="weight")
+            w_vals = ops.values(q_w)
+            y = ops.gemm(q_x, q_w, w_vals)
+            if bias is not None:
+                y = y + bias.float()
+        ctx.precision, ctx.backend = p, backend
+        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
+        ctx.save_for_backward(None if fast_wgrad else x, weight)
+        ctx.q_xt = q_xt
+        # dgrad reuses the 2D-quantized W: its 16x16 tiles serve W^T unchanged
+        ctx.w_dgrad = (w_vals, q_w.global_decode_scale) if p.weight_2d else None
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        p: LinearPrecision = ctx.precision
+        ops = _FusedOps(ctx.backend, dy.device, p.amax_reduction, p)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        sr = "stochastic" if p.stochastic_rounding else "nearest"
+        q_xt = ctx.q_xt
+        with _no_autocast(dy.device.type):
+            q_dy = q_dyt = None
+            if need_w and q_xt is not None:
+                if need_x:  # dy rowwise (dgrad) and RHT(dy^T) (wgrad) from one read of dy
+                    q_dy, q_dyt = ops.rowcol(dy, sr, p.rht, "grad_output")
+                else:
+                    q_dyt = ops.columnwise(dy, sr, p.rht, "grad_output^T")
+            elif need_x:
+                q_dy = ops.quantize(dy, rounding=sr, name="grad_output", amax=ops.amax(dy, name="grad_output"))
+            if need_x:
+                if p.weight_2d:
+                    w_vals, w_decode = ctx.w_dgrad
+                    # dy [T, N] @ W [N, K]: the rhs is given as [K, N], i.e. W^T, a view of the same values
+                    dx = dispatch.values_gemm(ops.values(q_dy), w_vals.t(),
+                                              q_dy.global_decode_scale.float() * w_decode.float())
+                else:  # 1x16 weights: W^T re-quantized with its blocks along N
+                    q_wt = ops.quantize(weight.detach().t(), name="weight^T")
+                    dx = ops.gemm(q_dy, q_wt)
+                dx = dx.to(ctx.x_dtype)
+            if need_w:
+                if q_xt is not None:
+                    dw = ops.gemm(q_dyt, q_xt)
+                else:  # an RHT size the fused kernels do not compute
+                    q_dyt, q_xt = wgrad_operands(dy, x, p)
+                    dw = nvfp4_gemm(q_dyt, q_xt)
+                dw = dw.to(ctx.w_dtype)
+            if need_b and ctx.has_bias:
+                db = dy.float().sum(0)
+        ctx.w_dgrad = ctx.q_xt = None
+        return dx, dw, db, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- MXFP8 and FP8
 
 
 def _mxfp8(t: torch.Tensor, name: str) -> torch.Tensor:
-    """MXFP8 (E4M3, one E8M0 scale per 32 along the last dim) values in float32."""
-    return mx_dequantize(mx_quantize(t, "e4m3", name=name))
+    """MXFP8 (E4M3, one E8M0 scale per 32 along the last dim) values in float32 (``formats.mx``; one
+    kernel pass on CPU)."""
+    return dispatch_mxfp8_fake_quantize(t, backend=_backend_for(t.device.type), name=name)
 
 
 class MXFP8Linear(torch.autograd.Function):
@@ -272,8 +467,8 @@ class MXFP8Linear(torch.autograd.Function):
             if need_x:
                 dx = (_mxfp8(dy, "grad_output") @ _mxfp8(weight.t(), "weight^T").t()).to(x.dtype)
             if need_w:
-                dy_t = _pad_rows(dy, MX_BLOCK_SIZE).t()
-                x_t = _pad_rows(x, MX_BLOCK_SIZE).t()
+                dy_t = _transpose_padded(dy, MX_BLOCK_SIZE)
+                x_t = _transpose_padded(x, MX_BLOCK_SIZE)
                 dw = (_mxfp8(dy_t, "grad_output^T") @ _mxfp8(x_t, "input^T").t()).to(weight.dtype)
             if need_b and ctx.has_bias:
                 db = dy.float().sum(0)
@@ -347,7 +542,11 @@ def emulated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if fmt == "nvfp4":
         _check_features("nvfp4 linear", K, BLOCK_SIZE, "NVFP4", "in_features")
         _check_features("nvfp4 linear", N, BLOCK_SIZE, "NVFP4", "out_features")
-        y = NVFP4RecipeLinear.apply(x2, weight, bias, precision, out_dtype)
+        fused = dispatch.fused_backend(x.device)
+        if fused is not None:  # CUDA (or dispatch.force_fused): the fused kernels
+            y = NVFP4FusedLinear.apply(x2, weight, bias, precision, out_dtype, fused, torch.is_grad_enabled())
+        else:
+            y = NVFP4RecipeLinear.apply(x2, weight, bias, precision, out_dtype)
     elif fmt == "mxfp8":
         _check_features("mxfp8 linear", K, MX_BLOCK_SIZE, "MXFP8", "in_features")
         _check_features("mxfp8 linear", N, MX_BLOCK_SIZE, "MXFP8", "out_features")
