@@ -6,7 +6,8 @@ real English text (the Python reference manual shipped with Python: calibration 
 are disjoint), in one run, per model:
 
 * perplexity of fp32, and of W4A16 and W4A4 for each nvfp4kit recipe (``--recipes``: weight scale,
-  smoothing, rotation), each quantized from the same fp32 model on the same calibration tokens;
+  smoothing, rotation, and a static KV cache: ``+kv`` FP8, ``+nvfp4kv`` NVFP4, both emulated as served),
+  each quantized from the same fp32 model on the same calibration tokens;
 * llm-compressor on the same calibration tokens, each in a fresh child process, exported as
   compressed-tensors and evaluated with the same emulation (W4A4: activations quantized per 16-block
   with the checkpoint's static input global scale; W4A16: its weights only): its ``NVFP4`` preset
@@ -142,14 +143,21 @@ def run_child(python: str, code: str, args: list[str], timeout: int = 3600) -> d
 
 
 
+KV_PARTS = {"kv": "fp8", "nvfp4kv": "nvfp4"}  # recipe part -> static KV-cache format
+
+
 def parse_recipe(text: str):
-    """``"gptq+awq+rot"`` -> (weight scale, smoothing, rotate, sequential, FP8 KV cache, GPTQ activation order)."""
+    """``"gptq+awq+rot"`` -> (weight scale, smoothing, rotate, sequential, KV-cache format (None, "fp8" for
+    ``+kv``, "nvfp4" for ``+nvfp4kv``), GPTQ activation order)."""
     parts = text.split("+")
-    unknown = set(parts[1:]) - {"awq", "smoothquant", "rot", "seq", "kv", "act"}
+    unknown = set(parts[1:]) - {"awq", "smoothquant", "rot", "seq", "act", *KV_PARTS}
     if unknown:
         raise SystemExit(f"unknown recipe part(s) {sorted(unknown)} in {text!r}")
+    kv = [KV_PARTS[p] for p in parts[1:] if p in KV_PARTS]
+    if len(kv) > 1:
+        raise SystemExit(f"recipe {text!r}: at most one KV-cache part ({', '.join(KV_PARTS)})")
     smooth = next((p for p in parts[1:] if p in ("awq", "smoothquant")), "none")
-    return parts[0], smooth, "rot" in parts[1:], "seq" in parts[1:], "kv" in parts[1:], "act" in parts[1:]
+    return parts[0], smooth, "rot" in parts[1:], "seq" in parts[1:], (kv or [None])[0], "act" in parts[1:]
 
 
 def hf_folder(path, dest: Path):
@@ -208,7 +216,7 @@ def bench_model(label: str, path, args, work: Path) -> str:
         weight_scales.GPTQ_ACT_ORDER = act  # (not a default: measured, it does not pay after AWQ smoothing)
         try:
             r = quantize_model(model, samples, "w4a4", ws, transforms=Transforms(rotate=rot, smooth=smooth),
-                               sequential=seq, kv_cache="fp8" if kv else None)
+                               sequential=seq, kv_cache=kv)
         finally:
             weight_scales.GPTQ_ACT_ORDER = act_default
         secs = time.perf_counter() - t0
@@ -305,9 +313,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--recipes", default="max,max+awq,gptq,gptq+act,gptq+smoothquant,gptq+awq,gptq+awq+act,"
-                                         "gptq+awq+rot,gptq+rot",
+                                         "gptq+awq+rot,gptq+rot,gptq+awq+kv,gptq+awq+nvfp4kv",
                     help="nvfp4kit recipes: weight scale [+awq|+smoothquant] [+rot] [+seq: sequential calibration] "
-                         "[+kv: static FP8 KV cache] [+act: GPTQ in activation order]")
+                         "[+kv: static FP8 KV cache | +nvfp4kv: static NVFP4 KV cache] [+act: GPTQ in activation order]")
     ap.add_argument("--llmc-recipes", default=",".join(LLMC_RECIPES))
     add_ptq_peer_arguments(ap)
     args = ap.parse_args()

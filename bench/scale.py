@@ -244,7 +244,7 @@ def write_super(folder: Path, pattern: str, tokenizer) -> Path:
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = build_model(cfg, device="meta")
     gen = torch.Generator().manual_seed(7)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, p in model.state_dict(keep_vars=True).items():
         parts = name.split(".")
         if parts[0] == "backbone" and parts[1] == "layers":
@@ -253,27 +253,31 @@ def write_super(folder: Path, pattern: str, tokenizer) -> Path:
             shard = f"model-mtp{int(parts[2]):02d}.safetensors"
         else:
             shard = "model-other.safetensors"
-        leaf = parts[-1]
+        groups.setdefault(shard, []).append((name, p))
+
+    def value(name: str, p: torch.Tensor) -> torch.Tensor:
+        leaf = name.rsplit(".", 2)[-1]
+        owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
         if name.endswith("e_score_correction_bias"):
-            t = torch.zeros(p.shape, dtype=torch.float32)
-        elif leaf in ("A_log",):
-            t = torch.log(torch.linspace(1, 16, p.shape[0])).to(torch.bfloat16)
-        elif leaf == "dt_bias":
-            t = torch.full(p.shape, -3.0, dtype=torch.bfloat16)
-        elif leaf == "D" or (leaf == "weight" and "norm" in parts[-2]):
-            t = torch.ones(p.shape, dtype=torch.bfloat16)
-        elif leaf == "bias":
-            t = torch.zeros(p.shape, dtype=torch.bfloat16)
-        else:
-            t = _randn(p.shape, gen, 1.0 if "embeddings" in name else 0.02)
-        groups.setdefault(shard, {})[name] = t
+            return torch.zeros(p.shape, dtype=torch.float32)
+        if leaf == "A_log":
+            return torch.log(torch.linspace(1, 16, p.shape[0])).to(torch.bfloat16)
+        if leaf == "dt_bias":
+            return torch.full(p.shape, -3.0, dtype=torch.bfloat16)
+        if leaf == "D" or (leaf == "weight" and "norm" in owner):
+            return torch.ones(p.shape, dtype=torch.bfloat16)
+        if leaf == "bias":
+            return torch.zeros(p.shape, dtype=torch.bfloat16)
+        return _randn(p.shape, gen, 1.0 if "embeddings" in name else 0.02)
+
     index, total = {}, 0
-    for shard, tensors in groups.items():
+    for shard, members in groups.items():  # one shard in memory at a time (a 512-expert layer is ~6 GB)
+        tensors = {name: value(name, p) for name, p in members}
         save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
         for k, t in tensors.items():
             index[k] = shard
             total += t.numel() * t.element_size()
-        tensors.clear()
+        del tensors
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": index}))
     cfg.save_json(tmp / "config.json")

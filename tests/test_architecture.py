@@ -21,18 +21,24 @@ ALLOWED = {
     "losses": set(),
     "version": set(),
     "devices": set(),
+    "textfiles": set(),
+    "scratch": {"progress"},
     "kernels": {"formats", "progress"},
     "api": {"formats", "kernels"},
-    "training": {"formats", "kernels", "policy", "progress"},
-    "checkpoint": {"formats", "kernels", "policy", "progress", "version"},
-    "model": {"training", "checkpoint", "losses", "progress"},
-    "calibrate": {"formats", "kernels", "policy", "progress", "losses", "checkpoint"},
+    "training": {"formats", "kernels", "policy", "progress", "scratch", "textfiles"},
+    "checkpoint": {"formats", "kernels", "policy", "progress", "version", "scratch"},
+    "model": {"training", "checkpoint", "losses", "progress", "scratch"},
+    "calibrate": {"formats", "kernels", "policy", "progress", "losses", "checkpoint", "scratch", "textfiles"},
     "evaluate": {"checkpoint", "losses", "progress"},
     "pipelines": {"api", "calibrate", "checkpoint", "devices", "evaluate", "formats", "losses", "model", "policy",
-                  "progress", "training"},
+                  "progress", "training", "scratch"},
     "cli": {"pipelines", "checkpoint", "evaluate", "model", "training", "progress"},
     "__init__": {"api", "checkpoint", "formats", "version"},
 }
+# optional.py (which extra brings each optional dependency) is a leaf the layers that import one use
+ALLOWED["optional"] = set()
+for _pkg in ("textfiles", "kernels", "training", "checkpoint", "model", "calibrate", "evaluate", "pipelines", "cli"):
+    ALLOWED[_pkg] = ALLOWED[_pkg] | {"optional"}
 
 
 def _modules() -> dict[str, Path]:

@@ -107,7 +107,7 @@ def test_load_text_files_and_datasets(tmp_path):
     rows = [{"text": "first row"}, {"text": "second row"}, {"other": 1, "text": ""}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     assert load_text(tmp_path / "d.jsonl") == "first row\n\nsecond row"
-    with pytest.raises(ValueError, match="no 'body' column"):
+    with pytest.raises(ValueError, match=r"d\.jsonl' has no text records: no 'body' field"):
         load_text(tmp_path / "d.jsonl", text_field="body")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_text(tmp_path / "missing.txt")

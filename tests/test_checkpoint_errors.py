@@ -179,7 +179,7 @@ def test_writer_options_checked_before_writing(tmp_path):
         save_quantized(m, tmp_path / "b", max_shard_size="lots")
     with pytest.raises(CheckpointError, match="parent directory"):
         save_quantized(m, tmp_path / "missing" / "b")
-    with pytest.raises(CheckpointError, match="is the source checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{ck} is the source {ck}"):
         save_quantized(m, ck, overwrite=True)  # source_dir of a loaded model is the checkpoint itself
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     assert load_quantized(ck).linears.keys() == m.linears.keys()

@@ -307,8 +307,13 @@ def test_summary_names_every_scheme_including_weight_only_fp8(tmp_path, fmt):
     m.linears["b"] = nvfp4_linear(32, 32, 2, input_amax=None)
     m.linears["c"] = fp8_linear(32, 32, 3, input_amax=2.0)
     m.linears["d"] = fp8_linear(32, 32, 4, input_amax=None)
+    want = {"a": "nvfp4", "b": "nvfp4-w4a16", "c": "fp8", "d": "fp8-w8a16"}
+    if fmt == "modelopt":  # modelopt's FP8 loaders always apply a static input scale: weight-only FP8 is refused
+        with pytest.raises(CheckpointError, match=r"d\.input_scale is missing"):
+            save_quantized(m, tmp_path / "s", format=fmt)
+        assert not (tmp_path / "s").exists()
+        del m.linears["d"], want["d"]
     save_quantized(m, tmp_path / "s", format=fmt)
     s = summarize_checkpoint(tmp_path / "s")
-    assert {n: v[0] for n, v in s.linears.items()} == {
-        "a": "nvfp4", "b": "nvfp4-w4a16", "c": "fp8", "d": "fp8-w8a16"}
+    assert {n: v[0] for n, v in s.linears.items()} == want
     assert all(v[1] == (32, 32) for v in s.linears.values())

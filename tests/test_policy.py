@@ -66,7 +66,9 @@ def test_streaming_and_in_memory_ptq_choose_the_same_modules_and_bytes(family, s
     # weight-only NVFP4 needs no calibration; FP8 PTQ is W8A8, whose weights do not depend on it
     mem = quantize_model(model, None if scheme == "nvfp4" else samples, "w4a16" if scheme == "nvfp4" else "fp8",
                          "max").qmodel
-    streamed = quantize_checkpoint(tmp_path / "src", tmp_path / "streamed", scheme)
+    # weight-only FP8 is served from compressed-tensors only (checkpoint.serving): both paths write that
+    fmt = "modelopt" if scheme == "nvfp4" else "compressed-tensors"
+    streamed = quantize_checkpoint(tmp_path / "src", tmp_path / "streamed", scheme, format=fmt)
     st = load_quantized(streamed)
     assert set(st.linears) == set(mem.linears) and mem.linears
     # the policy's high-precision modules stay so on both paths
@@ -75,7 +77,7 @@ def test_streaming_and_in_memory_ptq_choose_the_same_modules_and_bytes(family, s
     if family == "hybrid":
         assert not any(n.startswith("mtp.") for n in st.linears)  # the bug: MTP was quantized by convert
         assert any(".experts." in n for n in st.linears)
-    save_quantized(mem, tmp_path / "memory")
+    save_quantized(mem, tmp_path / "memory", format=fmt)
     for name in mem.linears:
         a, b = _module_tensors(tmp_path / "memory", name), _module_tensors(streamed, name)
         weights = {k: v for k, v in a.items() if not k.endswith("input_scale")}  # W8A8 only: its static scale

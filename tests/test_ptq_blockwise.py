@@ -167,7 +167,8 @@ def test_not_enough_disk_is_refused_before_any_work(sources, tmp_path, monkeypat
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
-    with pytest.raises(ValueError, match=r"GiB free on its file system, but quantizing block by block needs about"):
+    with pytest.raises(ValueError, match=r"1000 B free on the file system of .*, but quantizing block by block "
+                                         r"\(.*\) needs about"):
         run_quantize(_job(sources, "llama", tmp_path / "out", load="blocks"))
     assert not (tmp_path / "out").exists() and not staging_dir(tmp_path / "out").exists()
 
@@ -379,3 +380,55 @@ def test_each_unquantized_tensor_keeps_its_own_stored_dtype(sources, tmp_path, l
     kept = [k for k in given if got.get(k) not in (None, "U8", "F8_E4M3")]  # the unquantized tensors
     assert any(k.endswith("e_score_correction_bias") for k in kept) and any(k.endswith("norm.weight") for k in kept)
     assert {k: got[k] for k in kept} == {k: given[k] for k in kept}
+
+
+def test_big_modules_after_the_blocks_are_copied_a_piece_at_a_time_with_the_same_bytes(sources, tmp_path,
+                                                                                      monkeypatch):
+    """Streaming from disk: a unit after the blocks that is bigger than the budget (the hybrid's MTP) is loaded
+    and handed over a submodule at a time; its copies are staged as references to the source; the quantized
+    Linears' source weights are released before the block's emulated copies are made. Same bytes."""
+    from nvfp4kit.calibrate import blockwise
+    from nvfp4kit.checkpoint import staged
+
+    run_quantize(_job(sources, "hybrid", tmp_path / "whole", load="whole", sequential=True))
+    monkeypatch.setattr(blockwise, "COPY_PIECE_BYTES", 0)
+    monkeypatch.setattr(staged, "SOURCE_REFERENCE_MIN_BYTES", 1)
+    pieces = []
+    real_pieces = blockwise.copy_pieces
+    monkeypatch.setattr(blockwise, "copy_pieces", lambda model, unit, budget=0: pieces.append(
+        (unit, out := real_pieces(model, unit, budget))) or out)
+    still_loaded = []
+    real_apply = blockwise.apply_quantized
+
+    def spy(block, qmodel, *a, **k):
+        mods = dict(block.named_modules())
+        still_loaded.extend(n for n in qmodel.linears if mods[n].weight.device.type != "meta")
+        return real_apply(block, qmodel, *a, **k)
+
+    monkeypatch.setattr(blockwise, "apply_quantized", spy)
+    _, path = run_quantize(_job(sources, "hybrid", tmp_path / "blocks", load="blocks", sequential=True))
+    assert _same_folders(tmp_path / "whole", path)
+    mtp = dict(pieces)["mtp"]
+    assert len(mtp) > 3 and all(p.startswith("mtp.") for p in mtp)
+    assert not still_loaded
+
+
+def test_copy_pieces_cover_a_unit_in_state_dict_order():
+    from torch import nn
+
+    from nvfp4kit.calibrate.blockwise import copy_pieces
+
+    class Own(nn.Module):  # tensors of its own beside children: never split
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+            self.inner = nn.Linear(4, 4)
+
+    m = nn.Sequential()
+    m.add_module("a", nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), Own()))
+    m.add_module("b", nn.Linear(8, 8))
+    pieces = copy_pieces(m, "a", budget=100)
+    assert pieces == ["a.0", "a.1.0", "a.1.1", "a.2"]
+    assert copy_pieces(m, "a", budget=10**9) == ["a"]
+    keys = [k for p in pieces for k in m.get_submodule(p).state_dict(prefix=p + ".")]
+    assert keys == list(m.get_submodule("a").state_dict(prefix="a."))

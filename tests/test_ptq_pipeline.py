@@ -231,11 +231,13 @@ def test_transformers_loads_compressed_tensors_export_like_weight_only_emulation
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                               quantization_config=CompressedTensorsConfig(run_compressed=False))
     ours = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    # transformers decompresses to bfloat16 weights: compare with our dequantized weights in bfloat16
+    # compressed-tensors decompresses to bfloat16 (transformers up to 5.17 keeps that dtype, later releases
+    # cast to the requested float32): compare with our dequantized weights in bfloat16
     for name, rec in result.qmodel.linears.items():
         w_hf = hf.get_submodule(name).weight
-        assert torch.equal(w_hf.float(), dequantize_linear(rec, torch.float32).to(w_hf.dtype).float()), name
-        ours.get_submodule(name).weight.data = dequantize_linear(rec, torch.float32).to(w_hf.dtype).float()
+        assert w_hf.dtype in (torch.bfloat16, torch.float32), name
+        assert torch.equal(w_hf.float(), dequantize_linear(rec, torch.float32).to(torch.bfloat16).float()), name
+        ours.get_submodule(name).weight.data = dequantize_linear(rec, torch.float32).to(torch.bfloat16).float()
     hf = hf.float().eval()
     ids = _samples(1, 40, 6)
     with torch.no_grad():

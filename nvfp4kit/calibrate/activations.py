@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .. import scratch
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -44,7 +45,9 @@ class ActivationStore:
         if self._spill_dir is None:
             if self._spill_root is not None:
                 self._spill_root.mkdir(parents=True, exist_ok=True)
-            self._spill_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self._spill_root))
+                self._spill_dir = scratch.make_dir(f"{self.name}-", self._spill_root)
+            else:
+                self._spill_dir = scratch.system_temp_dir(self.name)
         return self._spill_dir
 
     def append(self, t: torch.Tensor) -> None:
@@ -87,7 +90,7 @@ class ActivationStore:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp = path.with_name(scratch.owned(f".{path.name}.tmp-"))
         save_file({f"{i:06d}": self[i].contiguous().cpu() for i in range(len(self))}, str(tmp))
         os.replace(tmp, path)
 

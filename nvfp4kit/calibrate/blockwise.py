@@ -54,9 +54,9 @@ from .activations import ActivationStore
 from .emulation import apply_quantized
 from .kv_cache import attention_modules, observe_kv_cache
 from .observers import Calibrator, LinearStats, reduce_statistics
-from .records import kv_after, needed_statistics, quantize_linears, state_entries, tied_duplicates
+from .records import check_weights, kv_after, needed_statistics, quantize_linears, state_entries, tied_duplicates
 from .sequential import BlockLayout, StopForward, block_layout
-from .surgery import restore_modules
+from .surgery import release_weights, restore_modules
 from .transforms import smooth_block
 from .weight_scales import DEFAULT_WEIGHT_SCALE
 
@@ -233,6 +233,24 @@ def sub_plan(plan: PrecisionPlan, prefix: str) -> PrecisionPlan:
     return PrecisionPlan(layers, plan.scheme, plan.recipe)
 
 
+# a module after the blocks bigger than this is loaded a submodule at a time to be written
+COPY_PIECE_BYTES = 1 << 30
+
+
+def copy_pieces(model: nn.Module, unit: str, budget: int = COPY_PIECE_BYTES) -> list[str]:
+    """The submodules of ``unit`` to load one at a time when its tensors are only handed to the sink, in
+    state-dict order: the unit itself when it holds at most ``budget`` bytes (or tensors of its own beside
+    its children), else its children's pieces (e.g. the MTP layers after a Nemotron 3 model's blocks, and
+    their experts one by one)."""
+    module = model.get_submodule(unit)
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    children = list(module.named_children())
+    if size <= budget or own or not children:
+        return [unit]
+    return [p for n, _ in children for p in copy_pieces(model, f"{unit}.{n}", budget)]
+
+
 def _relative(names, prefix: str) -> list[str]:
     return [n[len(prefix) + 1:] for n in names]
 
@@ -389,6 +407,7 @@ def quantize_by_block(
             last = i == len(layout) - 1
             want_outputs = not last or bool(rest)
             outputs = store("outputs") if want_outputs else None
+            check_weights(block, plan, names, name)
             try:
                 if smooth != "none":
                     alphas = smooth_block(block, plan, name, lambda: runner.run(block, i, inputs, None),
@@ -403,6 +422,11 @@ def quantize_by_block(
                         runner.run(block, i, inputs, None if sequential else outputs, cal)
                         block_stats = reduce_statistics(cal.stats())
                     recs = quantize_linears(block, bplan, block_stats, names, weight_scale) if names else {}
+                    if source is not None:
+                        # streamed from disk: the records replace the source weights of the quantized Linears
+                        # (the block is freed after it is written), so the emulated copies below do not come
+                        # on top of them (a 512-expert block would otherwise hold both in memory)
+                        release_weights(block, recs)
                     if sequential and outputs is not None:
                         originals = apply_quantized(block, QuantizedModel(linears=recs), dtype or torch.float32)
                         try:
@@ -441,11 +465,12 @@ def quantize_by_block(
     inputs.close()
     if sink is not None:
         for unit in (layout.before if before_late else []) + layout.after:
-            if source is not None:
-                source.load(model, [unit])
-            _emit(sink, list(state_entries(model.get_submodule(unit), unit, rest_records, skip)))
-            if source is not None:
-                source.free(model, [unit])
+            for piece in ([unit] if source is None else copy_pieces(model, unit)):
+                if source is not None:
+                    source.load(model, [piece])
+                _emit(sink, list(state_entries(model.get_submodule(piece), piece, rest_records, skip)))
+                if source is not None:
+                    source.free(model, [piece])
         sink.end_unit(1 + len(layout), {})
     seconds["rest"] = time.perf_counter() - t0
     return BlockwiseResult(records, stats, kv_amax, n_tokens, seconds)
@@ -476,6 +501,7 @@ def _quantize_rest(model, layout: BlockLayout, rest: list[str], plan: PrecisionP
     units = sorted({layout.unit_of(n)[1] for n in rest} | set(layout.before))
     if source is not None:
         source.load(model, units)
+    check_weights(model, plan, rest)
     originals = list(layout.blocks)
     replay = _Replay([last_outputs[b] for b in range(len(last_outputs))])
     try:
@@ -498,4 +524,4 @@ def _quantize_rest(model, layout: BlockLayout, rest: list[str], plan: PrecisionP
 
 
 __all__ = ["BlockSource", "BlockwiseResult", "MemorySink", "RecordSink", "ResumeState", "capture_block_inputs",
-           "quantize_by_block", "sub_plan"]
+           "copy_pieces", "quantize_by_block", "sub_plan"]

@@ -8,8 +8,11 @@ Sources (``load_text``):
   (``builtin_text("calib")`` / ``builtin_text("eval")``: every fourth topic, in sorted order,
   is held out for evaluation).
 * a plain text file (``.txt``, ``.md``, ``.rst`` or no suffix): read as UTF-8.
-* a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, or a folder of such files: loaded with
-  the ``datasets`` library, offline; the ``text`` column (or ``text_field``) is joined.
+* a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, or a folder of such files: the ``text``
+  field (or ``text_field``) of every record, joined.
+
+Every file is read by :func:`nvfp4kit.textfiles.read_documents`, which refuses a binary, non-UTF-8,
+malformed or empty file naming it and what was expected.
 
 BOS: a model whose tokenizer puts a token in front of every input (BOS for Llama 3, Gemma, Mistral;
 ``[CLS]`` for BERT) has only ever seen inputs that start with it, and its first position is where
@@ -26,10 +29,11 @@ from pathlib import Path
 
 import torch
 
+from ..textfiles import RECORD_BUILDERS, TEXT_SUFFIXES, TextFileError, read_documents
+
 BUILTIN = "builtin"
 _EVAL_EVERY = 4
-_DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-_TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
+_WHAT = "calibration/evaluation text"
 
 
 def builtin_text(split: str = "calib") -> str:
@@ -44,43 +48,36 @@ def builtin_text(split: str = "calib") -> str:
     return "\n\n".join(parts)
 
 
-def _dataset_text(files: list[str], builder: str, text_field: str, source: str) -> str:
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
-
-    ds = datasets.load_dataset(builder, data_files=files, split="train")
-    if text_field not in ds.column_names:
-        raise ValueError(
-            f"calibration data {source!r}: no {text_field!r} column (columns: {', '.join(ds.column_names)}); "
-            "pass the text column's name"
-        )
-    return "\n\n".join(str(t) for t in ds[text_field] if t)
+def _files_text(files: list[Path], text_field: str) -> str:
+    return "\n\n".join(t for f in files for t in read_documents(f, text_field, _WHAT))
 
 
 def load_text(source: str | os.PathLike | None = None, split: str = "calib", text_field: str = "text") -> str:
-    """Text of a calibration / evaluation source (see the module docs); ``split`` picks the built-in part."""
+    """Text of a calibration / evaluation source (see the module docs); ``split`` picks the built-in part.
+    Raises :class:`~nvfp4kit.textfiles.TextFileError` (a ``ValueError``) naming the file that is not
+    what it should be, or the source when it holds no text."""
     if source is None or str(source) == BUILTIN:
         return builtin_text(split)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
-            f"calibration/evaluation text {str(source)!r} does not exist "
+            f"{_WHAT} {str(source)!r} does not exist "
             f"(give a .txt/.jsonl/.json/.parquet/.csv file, a folder of them, or {BUILTIN!r})"
         )
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _DATASET_SUFFIXES)
-        builders = {_DATASET_SUFFIXES[p.suffix.lower()] for p in files}
-        if files and len(builders) == 1:
-            return _dataset_text([str(p) for p in files], builders.pop(), text_field, str(source))
-        texts = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
-        if not texts:
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in RECORD_BUILDERS)
+        builders = {RECORD_BUILDERS[p.suffix.lower()] for p in files}
+        if not (files and len(builders) == 1):
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
             raise ValueError(f"calibration folder {str(source)!r} holds no text, jsonl, json, parquet or csv files "
                              "(or mixes several dataset formats)")
-        return "\n\n".join(p.read_text(encoding="utf-8") for p in texts)
-    suffix = path.suffix.lower()
-    if suffix in _DATASET_SUFFIXES:
-        return _dataset_text([str(path)], _DATASET_SUFFIXES[suffix], text_field, str(source))
-    return path.read_text(encoding="utf-8")
+        text = _files_text(files, text_field)
+    else:
+        text = _files_text([path], text_field)
+    if not text or text.isspace():
+        raise TextFileError(f"{_WHAT} {str(source)!r} is empty (or only white space); expected text")
+    return text
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

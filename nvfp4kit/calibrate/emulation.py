@@ -9,10 +9,13 @@ static ``input_amax`` (W4A4 / W8A8), quantizes its input at run time the way the
 does: NVFP4 activations per 1x16 block along K with the calibrated global scale (values beyond the
 calibrated amax saturate), FP8 activations per tensor with ``amax / 448``.
 
-:func:`apply_kv_cache` emulates a static FP8 KV cache: in every attention with calibrated scales,
-the keys (after the rotary embedding) and values are quantize-dequantized to FP8 E4M3 with the
-per-tensor decode scale ``amax / 448`` (saturating, round-to-nearest-even) where they enter the
-cache, through the hooks of :mod:`nvfp4kit.calibrate.kv_cache`.
+:func:`apply_kv_cache` emulates a static KV cache: in every attention with calibrated scales, the
+keys (after the rotary embedding) and values are quantize-dequantized where they enter the cache,
+through the hooks of :mod:`nvfp4kit.calibrate.kv_cache`, as the engines do with the checkpoint's
+``k_scale`` / ``v_scale`` (:mod:`nvfp4kit.checkpoint.kv_cache`): FP8 E4M3 with the per-tensor decode
+scale ``amax / 448`` (saturating, round-to-nearest-even), or NVFP4 along the head dim (1x16 blocks,
+E4M3 block scales, the per-tensor second-level scale of the amax: ``amax / (6 * 448)``; values beyond
+the calibrated amax saturate) with the format core's NVFP4 (``kernels.dispatch.fake_quantize``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..checkpoint.layout import dequantize_linear
 from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
 from ..formats.fp8 import fp8_fake_quant
 from ..kernels.dispatch import fake_quantize
-from .kv_cache import KVHookHandle, add_kv_hooks
+from .kv_cache import KVHookHandle, add_kv_hooks, check_kv_cache_format
 from .surgery import replace_module
 
 
@@ -69,17 +72,25 @@ def apply_quantized(model: nn.Module, qmodel: QuantizedModel, dtype: torch.dtype
     return {name: modules[name] for name in qmodel.linears}
 
 
+def kv_fake_quantizer(kv_format: str):
+    """``fq(x, amax, name) -> x_hat``: the quantize-dequantize of cached keys or values of a KV-cache
+    format (along the last dim, the head dim, for NVFP4)."""
+    check_kv_cache_format(kv_format, "KV-cache format")
+    if kv_format == "nvfp4":
+        return lambda x, amax, name: fake_quantize(x, amax, name=name)
+    return lambda x, amax, name: fp8_fake_quant(x, amax, name=name)
+
+
 def apply_kv_cache(model: nn.Module, qmodel: QuantizedModel) -> KVHookHandle | None:
-    """Quantize-dequantize the cached keys/values of ``model``'s attentions per ``qmodel``'s FP8
-    KV-cache scales (until the returned handle is removed); ``None`` if the checkpoint has none."""
+    """Quantize-dequantize the cached keys/values of ``model``'s attentions per ``qmodel``'s FP8 or
+    NVFP4 KV-cache scales (until the returned handle is removed); ``None`` if the checkpoint has none."""
     if qmodel.kv_cache_format is None or not qmodel.kv_cache_amax:
         return None
-    if qmodel.kv_cache_format != "fp8":
-        raise ValueError(f"KV-cache format {qmodel.kv_cache_format!r} cannot be emulated (fp8 only)")
+    fq = kv_fake_quantizer(qmodel.kv_cache_format)
     amax = dict(qmodel.kv_cache_amax)
 
     def fake_quant_kv(name: str, key: torch.Tensor, value: torch.Tensor):
         k_amax, v_amax = amax[name]
-        return fp8_fake_quant(key, k_amax, name=f"{name} keys"), fp8_fake_quant(value, v_amax, name=f"{name} values")
+        return fq(key, k_amax, f"{name} keys"), fq(value, v_amax, f"{name} values")
 
     return add_kv_hooks(model, fake_quant_kv, names=list(amax))

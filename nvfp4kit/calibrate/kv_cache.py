@@ -1,8 +1,9 @@
-"""Static FP8 KV cache: reach the key and value states of every attention as they are cached.
+"""Static FP8 / NVFP4 KV cache: reach the key and value states of every attention as they are cached.
 
 Serving engines (vLLM, TensorRT-LLM) quantize what they write into the KV cache, i.e. the keys
 **after** the rotary embedding (and any key norm) and the values, per attention layer, with one
-static scale each (``k_scale = k_amax / 448``, ``v_scale = v_amax / 448``). Calibrating the
+static scale each (FP8: ``k_scale = k_amax / 448``; NVFP4: ``k_amax / (6 * 448)``, the second-level
+scale of 1x16 blocks along the head dim: :mod:`nvfp4kit.checkpoint.kv_cache`). Calibrating the
 ``k_proj`` outputs instead would give a wrong key scale for RoPE models, so this module hooks the
 point where the keys and values enter the attention computation:
 
@@ -31,16 +32,11 @@ import torch
 from torch import nn
 
 from .. import progress
-
-KV_CACHE_FORMATS = ("fp8",)
+from ..checkpoint.kv_cache import KV_CACHE_FORMATS, check_kv_cache_format, exact_kv_amax
+from ..formats.nvfp4 import BLOCK_SIZE
 
 # hook(name, key, value) -> (key, value); name is the attention module's name
 KVHook = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def check_kv_cache_format(kv_cache: str | None) -> None:
-    if kv_cache is not None and kv_cache not in KV_CACHE_FORMATS:
-        raise ValueError(f"--kv-cache must be one of {', '.join(KV_CACHE_FORMATS)} (or left out), got {kv_cache!r}")
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -107,7 +103,7 @@ class _InterfaceHook:
             fns[impl] = prev  # an override that was there before (e.g. another handle's)
         if output is not None and self.calls == calls_before:
             raise ValueError(f"{self.name}: {type(module).__name__} did not call transformers' attention interface "
-                             f"({impl!r}), so its cached keys/values cannot be reached (FP8 KV cache)")
+                             f"({impl!r}), so its cached keys/values cannot be reached (KV cache)")
         return None
 
 
@@ -176,14 +172,23 @@ def kv_hooks(model: nn.Module, hook: KVHook, names=None):
 
 
 class KVCacheObserver:
-    """A :data:`KVHook` recording the amax of the keys and of the values of each attention module."""
+    """A :data:`KVHook` recording the amax of the keys and of the values of each attention module.
 
-    def __init__(self):
+    With ``kv_cache="nvfp4"`` it also checks that the head dim (the last dim of the cached keys and
+    values) splits into NVFP4's 16-element blocks."""
+
+    def __init__(self, kv_cache: str = "fp8"):
+        check_kv_cache_format(kv_cache)
+        self.kv_cache = kv_cache
         self._amax: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, name: str, key: torch.Tensor, value: torch.Tensor):
         amaxes = []
         for what, t in (("keys", key), ("values", value)):
+            if self.kv_cache == "nvfp4" and t.shape[-1] % BLOCK_SIZE:
+                raise ValueError(f"--kv-cache nvfp4: the {what} of {name} have head dim {t.shape[-1]}, not a multiple "
+                                 f"of {BLOCK_SIZE} (NVFP4 caches 1x{BLOCK_SIZE} blocks along the head dim; use --kv-cache "
+                                 "fp8 for this model)")
             a = t.detach().abs().amax().float() if t.numel() else torch.zeros(())
             if not bool(torch.isfinite(a)):
                 raise ValueError(f"KV-cache calibration: the {what} of {name} have NaN/inf values")
@@ -193,7 +198,10 @@ class KVCacheObserver:
         return key, value
 
     def amax(self) -> dict[str, tuple[float, float]]:
-        return {n: (float(k), float(v)) for n, (k, v) in self._amax.items()}
+        """``{attention: (k_amax, v_amax)}``, each moved to a value the checkpoint's scale stores exactly
+        (:func:`~nvfp4kit.checkpoint.kv_cache.exact_kv_amax`)."""
+        return {n: (exact_kv_amax(self.kv_cache, float(k)), exact_kv_amax(self.kv_cache, float(v)))
+                for n, (k, v) in self._amax.items()}
 
 
 @contextmanager
@@ -209,7 +217,7 @@ def observe_kv_cache(model: nn.Module, kv_cache: str = "fp8"):
     if not attention_modules(model):
         raise ValueError(f"--kv-cache {kv_cache}: found no attention module (a module with k_proj and v_proj "
                          "children) in the model")
-    observer = KVCacheObserver()
+    observer = KVCacheObserver(kv_cache)
     result: dict[str, tuple[float, float]] = {}
     with kv_hooks(model, observer) as handle:
         yield result

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import progress
+from .. import progress, scratch
 from ..formats.nvfp4 import BLOCK_SIZE
 from ..losses import causal_lm_logits, distillation_loss, next_token_loss
 from ..policy import DEFAULT_EXCLUDE, fused_partition
@@ -405,6 +405,7 @@ class MixedPrecisionPlan:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.to_dict(), f, indent=1)
+            scratch.publish(tmp)  # mkstemp made it 0600
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

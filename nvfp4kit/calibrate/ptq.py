@@ -9,7 +9,7 @@ Three steps, each a function of its own, composed by :func:`quantize_model`:
    and the input Hessian of every NVFP4 Linear when the weight scale is ``gptq``.
 2. **Calibrate** (:func:`calibrate_model`): run the calibration samples through the model with
    observers (:mod:`~nvfp4kit.calibrate.observers`; every MoE expert sees every token of its layer) and,
-   with ``kv_cache="fp8"``, the post-RoPE key/value amax of every attention
+   with ``kv_cache="fp8"`` or ``"nvfp4"``, the post-RoPE key/value amax of every attention
    (:mod:`~nvfp4kit.calibrate.kv_cache`).
 3. **Quantize** (:func:`~nvfp4kit.calibrate.records.quantize_linears`): fused groups (q/k/v, gate/up) share one weight global amax
    and one input amax per format; each static input amax is moved (by at most ~1 ulp) to a value both
@@ -44,7 +44,7 @@ from .blockwise import quantize_by_block
 from .kv_cache import check_kv_cache_format, observe_kv_cache
 from .moe import unfuse_experts
 from .observers import LinearStats, calibrate, stop_after_blocks
-from .records import needed_statistics, quantize_linears, quantized_model
+from .records import check_weights, needed_statistics, quantize_linears, quantized_model
 from .rotation import rotate_model
 from .surgery import linear_shapes
 from .transforms import Transforms, has_smoothing_groups
@@ -148,8 +148,8 @@ def quantize_model(
     beforehand (e.g. by the mixed-precision search); it replaces ``scheme``/``exclude``/``recipe``.
     ``sequential``: calibrate block by block, each block seeing the inputs the already-quantized
     blocks before it produce; needs ``samples`` (with ``kv_cache``, each attention's KV amax is the
-    maximum over the passes that reach it). ``kv_cache``: ``"fp8"`` to also calibrate static FP8
-    KV-cache scales (the keys/values as cached, post-RoPE) during the calibration passes; needs
+    maximum over the passes that reach it). ``kv_cache``: ``"fp8"`` / ``"nvfp4"`` to also calibrate static
+    FP8 / NVFP4 KV-cache scales (the keys/values as cached, post-RoPE) during the calibration passes; needs
     ``samples`` (with ``stats`` given, the samples run once more for the KV cache alone).
     ``transforms``: function-preserving transforms (:mod:`~nvfp4kit.calibrate.transforms`) applied
     to ``model`` in place first: the rotation to the whole model, smoothing to each block on its
@@ -189,6 +189,7 @@ def quantize_model(
         seconds["calibrate+quantize"] = time.perf_counter() - t0
         n_tokens = int(samples.numel())
     else:
+        check_weights(model, plan, quantized)  # (block by block, each block is checked when it starts)
         if stats is not None:
             lacking = [n for n in need.observe if n not in stats or (n in need.hessian_for and stats[n].hessian is None)]
             if lacking:

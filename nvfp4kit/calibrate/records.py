@@ -17,6 +17,7 @@ from .. import progress
 from ..checkpoint.layout import FP8_RANGE, NVFP4_ACT_RANGE, exact_input_amax
 from ..checkpoint.types import QuantizedLinearWeight, QuantizedModel
 from ..formats.fp8 import fp8_quantize
+from ..formats.nvfp4 import check_finite_values
 from ..formats.scales import tensor_amax
 from ..policy import PrecisionPlan, fused_groups
 from .observers import LinearStats
@@ -54,6 +55,23 @@ def shared_amax(plan: PrecisionPlan, names: list[str], weight_amax: dict[str, to
                 for n in members:
                     if n in input_amax:
                         input_amax[n] = max(ia)
+
+
+_FORMAT_NAMES = {"nvfp4": "NVFP4", "fp8": "FP8 E4M3"}
+
+
+def check_weights(model: nn.Module, plan: PrecisionPlan, names, prefix: str = "") -> None:
+    """Raise ``ValueError`` naming the first of the named Linears (of ``model``, named ``prefix`` in the
+    plan) whose weight holds NaN or inf. The one check of every weight before calibration, smoothing or
+    any weight-scale method reads it (a NaN would otherwise surface as some other tensor's NaN input or
+    amax); weights still on the meta device are checked when their block is loaded."""
+    modules = dict(model.named_modules())
+    for n in names:
+        w = modules[n].weight
+        if w.device.type != "meta":
+            full = f"{prefix}.{n}" if prefix else n
+            check_finite_values(w.detach(), f"{full}.weight",
+                                _FORMAT_NAMES.get(plan.layers[full].format, plan.layers[full].format))
 
 
 def quantize_linears(model: nn.Module, plan: PrecisionPlan, stats: dict[str, LinearStats], names,

@@ -13,7 +13,8 @@ All on-disk names of this format live here.
   reciprocal of the two global scales.
 * FP8 Linear ``X`` (``float-quantized``, per-tensor): ``X.weight`` F8_E4M3 [N, K], ``X.weight_scale``
   F32 [1] and ``X.input_scale`` F32 [1], decode direction (amax / 448).
-* FP8 KV cache of attention ``A``: ``A.k_scale`` and ``A.v_scale`` F32 [1] (amax / 448).
+* KV cache of attention ``A`` (FP8 or NVFP4): ``A.k_scale`` and ``A.v_scale`` F32 [1], decode direction,
+  announced by ``kv_cache_scheme`` (names, values and config fields: :mod:`.kv_cache`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from ..formats.nvfp4 import BLOCK_SIZE, NVFP4Parts
 from ..formats.scales import decode_from_encode, encode_from_decode
+from . import kv_cache as kvc
 from .errors import CheckpointError
 from .layout import (
     FP8,
@@ -57,8 +59,7 @@ WEIGHT_SCALE = "weight_scale"
 WEIGHT_GLOBAL_SCALE = "weight_global_scale"
 INPUT_GLOBAL_SCALE = "input_global_scale"
 INPUT_SCALE = "input_scale"
-K_SCALE = "k_scale"
-V_SCALE = "v_scale"
+K_SCALE, V_SCALE = kvc.scale_leaf_names(kvc.COMPRESSED_TENSORS)  # "k_scale", "v_scale"
 NVFP4_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_GLOBAL_SCALE, INPUT_GLOBAL_SCALE, BIAS)
 FP8_SUFFIXES = (WEIGHT, WEIGHT_SCALE, INPUT_SCALE, BIAS)
 
@@ -104,11 +105,9 @@ def linear_tensors(name: str, lw: QuantizedLinearWeight) -> dict[str, torch.Tens
     return out
 
 
-def kv_tensors(attn: str, k_amax: float, v_amax: float) -> dict[str, torch.Tensor]:
-    return {
-        f"{attn}.{K_SCALE}": _one(input_decode_scale(k_amax, FP8_RANGE)),
-        f"{attn}.{V_SCALE}": _one(input_decode_scale(v_amax, FP8_RANGE)),
-    }
+def kv_tensors(attn: str, k_amax: float, v_amax: float, kv_format: str = "fp8") -> dict[str, torch.Tensor]:
+    k_name, v_name = kvc.kv_scale_names(kvc.COMPRESSED_TENSORS, attn, kv_format)
+    return {k_name: _one(kvc.kv_scale(kv_format, k_amax)), v_name: _one(kvc.kv_scale(kv_format, v_amax))}
 
 
 def _nvfp4_args(dynamic) -> dict:
@@ -254,11 +253,7 @@ def quant_config(
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": ignore,
-        "kv_cache_scheme": (
-            {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
-            if kv_cache_format == "fp8"
-            else None
-        ),
+        "kv_cache_scheme": kvc.ct_kv_cache_scheme(kv_cache_format),
         "global_compression_ratio": None,
         "sparsity_config": {},
         "transform_config": {},
@@ -302,9 +297,7 @@ def quantization_section(config: dict, where: str) -> dict:
             )
         if gfmt not in (NVFP4_FORMAT, FP8_FORMAT):
             raise CheckpointError(f"{where}/config.json: config group {gname} has unsupported format {gfmt!r}")
-    kv = qc.get("kv_cache_scheme")
-    if kv and (kv.get("num_bits"), kv.get("type")) != (8, "float"):
-        raise CheckpointError(f"{where}/config.json: kv_cache_scheme {kv} is not supported (FP8 only)")
+    kvc.kv_format_of_ct_scheme(qc.get("kv_cache_scheme"), where)
     return qc
 
 
@@ -400,6 +393,8 @@ def iter_records(reader: CheckpointReader, qc: dict) -> Iterator[tuple[str, str,
                 )
     kv_attn = {n[: -len(K_SCALE) - 1] for n in names if n.endswith("." + K_SCALE)}
     kv_attn |= {n[: -len(V_SCALE) - 1] for n in names if n.endswith("." + V_SCALE)}
+    # scales without a declared KV format are read as FP8 (what they were before NVFP4 KV caches)
+    kv_format = kvc.kv_format_of_ct_scheme(qc.get("kv_cache_scheme"), str(reader.dir)) or kvc.FP8
     done: set[str] = set()
     for n in names:
         if n in done:
@@ -415,12 +410,13 @@ def iter_records(reader: CheckpointReader, qc: dict) -> Iterator[tuple[str, str,
             done.update(f"{module}.{s}" for s in allowed)
             continue
         if module in kv_attn and leaf in (K_SCALE, V_SCALE):
-            k_name, v_name = f"{module}.{K_SCALE}", f"{module}.{V_SCALE}"
+            k_name, v_name = kvc.kv_scale_names(kvc.COMPRESSED_TENSORS, module, kv_format)
             for x in (k_name, v_name):
                 if x not in present:
-                    raise CheckpointError(f"{reader.dir}: {x} is missing (FP8 KV cache needs both k_scale and v_scale)")
+                    raise CheckpointError(f"{reader.dir}: {x} is missing ({kv_format.upper()} KV cache needs both "
+                                          "k_scale and v_scale)")
             done.update((k_name, v_name))
-            yield "kv", module, (amax_from_decode(_scalar(reader, k_name), FP8_RANGE),
-                                 amax_from_decode(_scalar(reader, v_name), FP8_RANGE))
+            yield "kv", module, (kvc.kv_amax(kv_format, _scalar(reader, k_name)),
+                                 kvc.kv_amax(kv_format, _scalar(reader, v_name)))
             continue
         yield "tensor", n, reader.get(n)

@@ -9,7 +9,7 @@ from ..formats.nvfp4 import BLOCK_SIZE, dequantize_parts
 from ..formats.scales import E4M3_MAX, NVFP4_RANGE
 from .errors import CheckpointError
 from .rules import check_shared_global_scales
-from .types import QuantizedLinearWeight, QuantizedModel
+from .types import KV_CACHE_FORMATS, QuantizedLinearWeight, QuantizedModel
 
 # A Linear's scheme: weight format plus whether a static activation scale is stored.
 NVFP4 = "nvfp4"  # W4A4: weight and input NVFP4, static input global scale
@@ -153,8 +153,9 @@ def validate_model(model: QuantizedModel, *, strict_fused: bool = True) -> list[
     fp8_scales = {n: lw.fp8_weight_scale for n, lw in model.linears.items() if lw.format == "fp8"}
     warnings = check_shared_global_scales(nvfp4_scales, strict=strict_fused)
     warnings += check_shared_global_scales(fp8_scales, strict=strict_fused)
-    if model.kv_cache_format not in (None, "fp8"):
-        raise CheckpointError(f"kv_cache_format must be None or 'fp8', got {model.kv_cache_format!r}")
+    if model.kv_cache_format is not None and model.kv_cache_format not in KV_CACHE_FORMATS:
+        raise CheckpointError(f"kv_cache_format must be None or one of {', '.join(KV_CACHE_FORMATS)}, "
+                              f"got {model.kv_cache_format!r}")
     for attn, amaxes in model.kv_cache_amax.items():
         for what, v in zip(("k_amax", "v_amax"), amaxes):
             _check_amax(attn, what, v)

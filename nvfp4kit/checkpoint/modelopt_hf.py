@@ -10,7 +10,8 @@ All on-disk names of this format live here.
   ``X.weight_scale_2`` F32 0-dim and ``X.input_scale`` F32 0-dim, both DECODE direction (amax / 2688).
 * FP8 Linear ``X``: ``X.weight`` F8_E4M3 [N, K], ``X.weight_scale`` and ``X.input_scale`` F32 0-dim
   (amax / 448).
-* FP8 KV cache of attention ``A``: ``A.k_proj.k_scale`` and ``A.v_proj.v_scale`` (amax / 448).
+* KV cache of attention ``A`` (FP8 or NVFP4): ``A.k_proj.k_scale`` and ``A.v_proj.v_scale``, 0-dim F32,
+  ``kv_cache_quant_algo`` ``"FP8"`` / ``"NVFP4"`` (names, values and config fields: :mod:`.kv_cache`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Iterator
 import torch
 
 from ..formats.nvfp4 import BLOCK_SIZE, NVFP4Parts
+from . import kv_cache as kvc
 from .errors import CheckpointError
 from .layout import (
     FP8,
@@ -45,8 +47,7 @@ BIAS = "bias"
 WEIGHT_SCALE = "weight_scale"
 WEIGHT_SCALE_2 = "weight_scale_2"
 INPUT_SCALE = "input_scale"
-K_SCALE = ("k_proj", "k_scale")
-V_SCALE = ("v_proj", "v_scale")
+K_SCALE, V_SCALE = (tuple(n.split(".")) for n in kvc.scale_leaf_names(kvc.MODELOPT))  # ("k_proj", "k_scale")
 LINEAR_SUFFIXES = (WEIGHT, BIAS, WEIGHT_SCALE, WEIGHT_SCALE_2, INPUT_SCALE)
 
 # quant_algo strings per scheme
@@ -80,11 +81,9 @@ def linear_tensors(name: str, lw: QuantizedLinearWeight) -> dict[str, torch.Tens
     return out
 
 
-def kv_tensors(attn: str, k_amax: float, v_amax: float) -> dict[str, torch.Tensor]:
-    return {
-        f"{attn}.{K_SCALE[0]}.{K_SCALE[1]}": input_decode_scale(k_amax, FP8_RANGE),
-        f"{attn}.{V_SCALE[0]}.{V_SCALE[1]}": input_decode_scale(v_amax, FP8_RANGE),
-    }
+def kv_tensors(attn: str, k_amax: float, v_amax: float, kv_format: str = "fp8") -> dict[str, torch.Tensor]:
+    k_name, v_name = kvc.kv_scale_names(kvc.MODELOPT, attn, kv_format)
+    return {k_name: kvc.kv_scale(kv_format, k_amax), v_name: kvc.kv_scale(kv_format, v_amax)}
 
 
 def _layer_entry(scheme: str) -> dict:
@@ -117,7 +116,7 @@ def quant_configs(
         quant["quant_algo"] = algos.pop()
     else:
         quant["quant_algo"] = MIXED
-    quant["kv_cache_quant_algo"] = "FP8" if kv_cache_format == "fp8" else None
+    quant["kv_cache_quant_algo"] = kvc.modelopt_kv_algo(kv_cache_format)
     if any("NVFP4" in ALGO_OF_SCHEME[s] for s in schemes.values()):
         quant["group_size"] = GROUP_SIZE
     quant["exclude_modules"] = list(exclude_modules)
@@ -137,8 +136,8 @@ def quant_configs(
     else:
         qc["config_groups"] = {"group_0": {**_group_details(quant["quant_algo"]), "targets": ["Linear"]}}
     qc["ignore"] = list(exclude_modules)
-    if kv_cache_format == "fp8":
-        qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    if kv_cache_format is not None:
+        qc["kv_cache_scheme"] = kvc.modelopt_kv_cache_scheme(kv_cache_format)
     qc["producer"] = dict(producer)
     return hf_quant, qc
 
@@ -165,7 +164,8 @@ def quantization_section(config: dict | None, hf_quant: dict | None, where: str)
             "quant_algo": qc.get("quant_algo"),
             "exclude_modules": qc.get("ignore", []),
             "quantized_layers": qc.get("quantized_layers"),
-            "kv_cache_quant_algo": "FP8" if qc.get("kv_cache_scheme") else None,
+            "kv_cache_quant_algo": kvc.modelopt_kv_algo(kvc.kv_format_of_modelopt_scheme(qc.get("kv_cache_scheme"),
+                                                                                          where)),
         }
     algo = q.get("quant_algo")
     if algo not in KNOWN_ALGOS:
@@ -177,9 +177,7 @@ def quantization_section(config: dict | None, hf_quant: dict | None, where: str)
             a = (entry or {}).get("quant_algo")
             if a not in KNOWN_ALGOS or a == MIXED:
                 raise CheckpointError(f"{where}: quantized_layers[{m!r}] has unsupported quant_algo {a!r}")
-    kv = q.get("kv_cache_quant_algo")
-    if kv not in (None, "FP8"):
-        raise CheckpointError(f"{where}: kv_cache_quant_algo {kv!r} is not supported (None or FP8)")
+    kvc.kv_format_of_modelopt_algo(q.get("kv_cache_quant_algo"), where)
     gs = q.get("group_size", GROUP_SIZE)
     if gs not in (None, GROUP_SIZE):
         raise CheckpointError(f"{where}: group_size {gs} is not supported (NVFP4 uses {GROUP_SIZE})")
@@ -276,6 +274,8 @@ def iter_records(reader: CheckpointReader, q: dict) -> Iterator[tuple[str, str, 
             raise CheckpointError(f"{reader.dir}: {m}.{WEIGHT_SCALE} has no matching {m}.{WEIGHT}")
     done: set[str] = set()
     kv_done: set[str] = set()
+    # scales without a declared KV format are read as FP8 (what they were before NVFP4 KV caches)
+    kv_format = kvc.kv_format_of_modelopt_algo(q.get("kv_cache_quant_algo"), str(reader.dir)) or kvc.FP8
     for n in names:
         if n in done:
             continue
@@ -288,15 +288,15 @@ def iter_records(reader: CheckpointReader, q: dict) -> Iterator[tuple[str, str, 
             attn = proj
             if attn in kv_done:
                 continue
-            k_name = f"{attn}.{K_SCALE[0]}.{K_SCALE[1]}"
-            v_name = f"{attn}.{V_SCALE[0]}.{V_SCALE[1]}"
+            k_name, v_name = kvc.kv_scale_names(kvc.MODELOPT, attn, kv_format)
             for x in (k_name, v_name):
                 if x not in present:
-                    raise CheckpointError(f"{reader.dir}: {x} is missing (FP8 KV cache needs both k_scale and v_scale)")
+                    raise CheckpointError(f"{reader.dir}: {x} is missing ({kv_format.upper()} KV cache needs both "
+                                          "k_scale and v_scale)")
             kv_done.add(attn)
             done.update((k_name, v_name))
-            yield "kv", attn, (amax_from_decode(_scalar(reader, k_name), FP8_RANGE),
-                               amax_from_decode(_scalar(reader, v_name), FP8_RANGE))
+            yield "kv", attn, (kvc.kv_amax(kv_format, _scalar(reader, k_name)),
+                               kvc.kv_amax(kv_format, _scalar(reader, v_name)))
             continue
         if module in quantized:
             if leaf not in LINEAR_SUFFIXES:

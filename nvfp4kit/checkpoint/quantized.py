@@ -12,10 +12,12 @@ from typing import Iterator
 import torch
 
 from . import compressed_tensors as ct
+from . import kv_cache as kvc
 from . import modelopt_hf as mo
 from .errors import CheckpointError
 from .layout import scheme_of, validate_linear
 from .reader import CONFIG_NAME, CheckpointReader
+from .markers import undeclared_quantized_tensors  # noqa: F401  (re-exported)
 from .rules import check_shared_global_scales, expand_regex_patterns, is_excluded
 from .types import QuantizedLinearWeight, QuantizedModel
 from .writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
@@ -84,20 +86,28 @@ def detect_format(path, reader: CheckpointReader | None = None) -> CheckpointInf
         q = mo.quantization_section(config, hf_quant, where)
         return CheckpointInfo(
             reader.dir, MODELOPT, q["quant_algo"], base, q, list(q.get("exclude_modules") or []),
-            "fp8" if q.get("kv_cache_quant_algo") == "FP8" else None,
+            kvc.kv_format_of_modelopt_algo(q.get("kv_cache_quant_algo"), where),
         )
     if ct.detect(config):
         qc = ct.quantization_section(config, where)
         return CheckpointInfo(
             reader.dir, COMPRESSED_TENSORS, qc.get("format"), base, qc,
             [ct.exclude_pattern(e) for e in qc.get("ignore") or []],
-            "fp8" if qc.get("kv_cache_scheme") else None,
+            kvc.kv_format_of_ct_scheme(qc.get("kv_cache_scheme"), where),
         )
     qc = config.get("quantization_config")
     if qc:
         raise CheckpointError(
             f"{where}/config.json: quantization_config with quant_method {qc.get('quant_method')!r} is not supported "
             f"(nvfp4kit reads modelopt and compressed-tensors checkpoints)"
+        )
+    stray = undeclared_quantized_tensors(reader)
+    if stray:
+        shown = ", ".join(f"{n} ({reader.dtype_str(n)} {list(reader.shape(n))})" for n in stray[:3])
+        raise CheckpointError(
+            f"{where}: {len(stray)} tensor(s) are quantized weights or scales, e.g. {shown}, but neither "
+            f"config.json (quantization_config) nor {mo.HF_QUANT_CONFIG} declares a quantization, so they cannot be "
+            "read as plain weights; restore the config files the checkpoint was written with"
         )
     return CheckpointInfo(reader.dir, UNQUANTIZED, None, base)
 
@@ -196,6 +206,10 @@ class RecordWriter:
     not quantized (and biases) are stored in, e.g. the source model's own (None: as given);
     ``tensor_dtypes``: per tensor name, a dtype that overrides it (the source's own for each tensor,
     e.g. a float32 router bias in a bfloat16 checkpoint).
+
+    The finished temporary folder is checked against vLLM's and SGLang's loaders
+    (:func:`~nvfp4kit.checkpoint.serving.verify_serving`) before it is renamed into place; a checkpoint
+    that fails is not written (``strict_fused=False`` lets unshared fused scales through as warnings).
     """
 
     def __init__(
@@ -218,14 +232,16 @@ class RecordWriter:
         self.tensor_dtype = tensor_dtype
         self.tensor_dtypes = dict(tensor_dtypes or {})
         self.fmod = mo if self.fmt == MODELOPT else ct
-        if kv_cache_format not in (None, "fp8"):
-            raise CheckpointError(f"kv_cache_format must be None or 'fp8', got {kv_cache_format!r}")
+        if kv_cache_format is not None and kv_cache_format not in kvc.KV_CACHE_FORMATS:
+            raise CheckpointError(f"kv_cache_format must be None or one of {', '.join(kvc.KV_CACHE_FORMATS)}, "
+                                  f"got {kv_cache_format!r}")
         self.config = {k: v for k, v in (config or {}).items() if k != "quantization_config"}
         self.exclude_modules = list(exclude_modules)
         self.source_dir = source_dir
         self.kv_cache_format = kv_cache_format
         self.strict_fused = strict_fused
-        self.writer = ShardedWriter(out_dir, max_shard_size, overwrite, sources=(*sources, source_dir))
+        self.writer = ShardedWriter(out_dir, max_shard_size, overwrite, sources=(*sources, source_dir),
+                                    verify=self._verify)
         self.schemes: dict[str, str] = {}
         self.bf16_linears: list[str] = []
         self._weight_scales: dict[str, torch.Tensor] = {}
@@ -276,9 +292,20 @@ class RecordWriter:
         self.writer.add(name, self._stored(name, t))
 
     def kv(self, attn: str, k_amax: float, v_amax: float) -> None:
-        if self.kv_cache_format != "fp8":
-            raise CheckpointError(f"{attn}: KV cache scales given but kv_cache_format is {self.kv_cache_format!r}")
-        self.writer.add_all(self.fmod.kv_tensors(attn, k_amax, v_amax))
+        if self.kv_cache_format is None:
+            raise CheckpointError(f"{attn}: KV cache scales given but kv_cache_format is None")
+        self.writer.add_all(self.fmod.kv_tensors(attn, k_amax, v_amax, self.kv_cache_format))
+
+    def _verify(self, folder: Path) -> list:
+        """The serving check of the finished temporary folder (raises when it fails; warnings are logged)."""
+        from .. import progress
+        from .serving import verify_serving
+
+        found = verify_serving(folder, strict_fused=self.strict_fused, what=str(self.out))
+        for f in found:
+            progress.log(f"warning: {f}")
+        self.warnings += [str(f) for f in found]
+        return found
 
     def _modules(self) -> set[str]:
         return {n.rpartition(".")[0] for n in self.writer.names() if "." in n}
@@ -317,6 +344,7 @@ def save_quantized(
     strict_fused: bool = True,
     tensor_dtype: torch.dtype | None = None,
     tensor_dtypes: dict[str, torch.dtype] | None = None,
+    sources=(),
 ) -> Path:
     """Write ``model`` as a modelopt HF (default) or compressed-tensors checkpoint directory.
 
@@ -326,7 +354,8 @@ def save_quantized(
     ``model.source_dir``. Written to a temporary directory beside ``out_dir`` and renamed when
     complete. Refuses an existing ``out_dir`` unless ``overwrite``. ``tensor_dtype``: store the
     unquantized floating tensors (and biases) in this dtype; ``tensor_dtypes``: per-name overrides
-    (see :class:`RecordWriter`). Returns the output path.
+    (see :class:`RecordWriter`). ``sources``: paths the output must not be, contain or lie inside (the
+    model's ``source_dir`` is one too). Returns the output path.
     """
     if not isinstance(model, QuantizedModel):
         raise TypeError(f"save_quantized: expected a QuantizedModel, got {type(model).__name__}")
@@ -345,6 +374,7 @@ def save_quantized(
         strict_fused=strict_fused,
         tensor_dtype=tensor_dtype,
         tensor_dtypes=tensor_dtypes,
+        sources=sources,
     ) as w:
         for kind, name, value in model.entries():
             if kind == "tensor":

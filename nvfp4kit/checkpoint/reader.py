@@ -3,7 +3,8 @@
 :class:`CheckpointReader` opens only headers up front (so a 100 GB checkpoint costs nothing to
 inspect), checks that every file the index names exists and has a valid header, and loads one
 tensor at a time with ``safe_open``. Every error names the file and, where it applies, the tensor.
-Never unpickles anything: ``*.bin`` / ``*.pt`` checkpoints are refused.
+Never unpickles anything: ``*.bin`` / ``*.pt`` / ``*.pth`` / ``*.ckpt`` checkpoints are refused
+(:func:`pickle_refusal`, the one message every command gives, says how to convert them).
 """
 
 from __future__ import annotations
@@ -37,6 +38,33 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+# files torch writes with pickle (``torch.save``): never opened, whatever they hold
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def pickle_files(folder: Path) -> list[str]:
+    """Names of the pickle weight files (:data:`PICKLE_SUFFIXES`) directly inside ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def pickle_refusal(where, files) -> CheckpointError:
+    """The one error for a source whose weights are only in pickle files: nvfp4kit never unpickles
+    (loading a pickle can run arbitrary code), so it says how to convert them to safetensors once."""
+    files = list(files)
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    one = files[0] if files else "pytorch_model.bin"
+    return CheckpointError(
+        f"{where}: the weights are in pickle files ({shown}), and pickle checkpoints are not loaded: nvfp4kit reads "
+        "safetensors only and never unpickles (a pickle can run code when loaded). Convert them once, where you trust the file: with transformers, "
+        "from_pretrained(FOLDER) then save_pretrained(NEW_FOLDER) (it writes safetensors; keep the tokenizer files), "
+        "or for a single file: python -c \"import torch, safetensors.torch as st; "
+        f"st.save_file({{k: v.contiguous().clone() for k, v in torch.load('{one}', weights_only=True).items()}}, "
+        "'model.safetensors', metadata={'format': 'pt'})\""
+    )
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -77,6 +105,8 @@ class CheckpointReader:
         self._index_path: Path | None = None
 
         if self.path.is_file():
+            if self.path.suffix in PICKLE_SUFFIXES:
+                raise pickle_refusal(f"checkpoint {self.path}", [self.path.name])
             self.files = [self.path.name]
         elif (self.path / INDEX_NAME).exists():
             self._index_path = self.path / INDEX_NAME
@@ -93,9 +123,10 @@ class CheckpointReader:
         else:
             self.files = sorted(p.name for p in self.path.glob("*.safetensors"))
             if not self.files:
-                pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-                hint = f" (found {pickles}: pickle checkpoints are not loaded; convert them to safetensors)" if pickles else ""
-                raise CheckpointError(f"checkpoint {self.path}: no *.safetensors files{hint}")
+                pickles = pickle_files(self.path)
+                if pickles:
+                    raise pickle_refusal(f"checkpoint {self.path}", pickles)
+                raise CheckpointError(f"checkpoint {self.path}: no *.safetensors files")
 
         for fname in self.files:
             for name, dtype, shape in self._header(fname):

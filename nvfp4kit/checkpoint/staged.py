@@ -25,7 +25,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from .. import scratch
 from ..formats.nvfp4 import NVFP4Parts
 from .errors import CheckpointError
 from .quantized import RecordWriter, check_write_format, stored_dtype
@@ -35,7 +37,9 @@ from .writer import DEFAULT_MAX_SHARD_BYTES, check_output_dir
 
 MANIFEST = "manifest.json"
 COMPANIONS = "companions"
+SPILL = "spill"  # the calibration activations spilled to disk by a run (not needed to resume)
 _META = "nvfp4kit.entries"
+_SOURCE_REF = "source"  # an entry kind: a tensor the checkpoint holds exactly as the source's of that name
 _PARTS = {"nvfp4": ("packed", "block_scale", "global_decode_scale"), "fp8": ("fp8_weight", "fp8_weight_scale"),
           "bf16": ("weight",)}
 
@@ -84,8 +88,8 @@ def write_piece(path: Path, entries: list[tuple[str, str, object]], source=None,
     tensors: dict[str, torch.Tensor] = {}
     meta = []
     for i, (kind, name, value) in enumerate(entries):
-        if kind == "tensor" and _same_as_source(source, name, value, stored_dtype):
-            meta.append({"kind": kind, "name": name, "source": name})
+        if kind == _SOURCE_REF or (kind == "tensor" and _same_as_source(source, name, value, stored_dtype)):
+            meta.append({"kind": "tensor", "name": name, "source": name})
         elif kind == "tensor":
             tensors[f"{i}"] = value.detach().contiguous().clone()
             meta.append({"kind": kind, "name": name})
@@ -100,8 +104,15 @@ def write_piece(path: Path, entries: list[tuple[str, str, object]], source=None,
                 tensors[f"{i}.bias"] = rec.bias.detach().contiguous().clone()
             meta.append({"kind": kind, "name": name, "format": rec.format, "shape": list(rec.shape),
                          "input_amax": rec.input_amax, "block": list(rec.nvfp4.block) if rec.nvfp4 else None})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={_META: json.dumps(meta)})
+    tmp = path.with_name(scratch.owned(f".{path.name}.tmp-"))
+    try:
+        save_file(tensors, str(tmp), metadata={_META: json.dumps(meta)})
+    except OSError as e:  # the disk filled up after the checks before the work: the staged units stay
+        tmp.unlink(missing_ok=True)
+        from .space import write_error
+
+        raise write_error(path, e, "the blocks staged so far are kept: free some space and run the same command "
+                                   "again to resume") from None
     os.replace(tmp, path)
 
 
@@ -135,7 +146,7 @@ def read_piece(path: Path, source=None):
                     else:
                         rec = QuantizedLinearWeight(e["format"], shape, input_amax=e["input_amax"], bias=bias, **parts)
                     yield kind, name, rec
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, KeyError, ValueError, json.JSONDecodeError, SafetensorError) as e:
         raise CheckpointError(f"staged piece {path} is unreadable ({e}); remove {path.parent} and start again") \
             from None
 
@@ -153,6 +164,12 @@ def _open_source(source_dir):
         return CheckpointReader(source_dir, max_open_files=0)
     except CheckpointError:
         return None
+
+
+def clean_stale_staging(folder: Path) -> list[Path]:
+    """Remove what a run killed inside the staging folder left (its pieces and manifest stay, so the run
+    resumes): temporary ``.NAME.tmp-pid<PID>-*`` files and spilled-activation folders of dead processes."""
+    return scratch.remove_stale(folder, ".*.tmp-pid*") + scratch.remove_stale(folder / SPILL, "*-pid*")
 
 
 class StagedCheckpoint:
@@ -173,7 +190,8 @@ class StagedCheckpoint:
         self.signature = json.loads(json.dumps(signature))
         self.writer_options = dict(config=config, exclude_modules=list(exclude_modules),
                                    kv_cache_format=kv_cache_format, max_shard_size=max_shard_size,
-                                   overwrite=overwrite, tensor_dtype=tensor_dtype, tensor_dtypes=tensor_dtypes)
+                                   overwrite=overwrite, tensor_dtype=tensor_dtype, tensor_dtypes=tensor_dtypes,
+                                   sources=tuple(sources))
         self.manifest = {"signature": self.signature, "units": 0, "pieces": [], "state": {}}
         self._source = _open_source(source_dir)
         self._stored_dtype = functools.partial(stored_dtype, tensor_dtype=tensor_dtype, tensor_dtypes=tensor_dtypes)
@@ -190,6 +208,7 @@ class StagedCheckpoint:
                     "remove it, or pass --overwrite to start again")
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(self.dir)
         (self.dir / COMPANIONS).mkdir(exist_ok=True)
         self._write_manifest()
 
@@ -205,7 +224,7 @@ class StagedCheckpoint:
             return None
 
     def _write_manifest(self) -> None:
-        tmp = self.dir / f".{MANIFEST}.tmp{os.getpid()}"
+        tmp = self.dir / scratch.owned(f".{MANIFEST}.tmp-")
         tmp.write_text(json.dumps(self.manifest, indent=1))
         os.replace(tmp, self.dir / MANIFEST)
 
@@ -226,7 +245,12 @@ class StagedCheckpoint:
     # ------------------------------------------------------------------ the sink
 
     def tensor(self, name: str, t: torch.Tensor) -> None:
-        self._entries.append(("tensor", name, t))
+        # a copy of the source's tensor is recorded as a reference at once, so the unit's entries do not hold
+        # it until the unit ends (the modules after the blocks are handed over a piece at a time)
+        if _same_as_source(self._source, name, t, self._stored_dtype):
+            self._entries.append((_SOURCE_REF, name, None))
+        else:
+            self._entries.append(("tensor", name, t))
 
     def linear(self, name: str, record: QuantizedLinearWeight) -> None:
         self._entries.append(("linear", name, record))

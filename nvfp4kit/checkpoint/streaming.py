@@ -23,8 +23,11 @@ from ..formats.fp8 import fp8_quantize, fp8_scale
 from ..formats.nvfp4 import BLOCK_SIZE, NVFP4Parts
 from ..policy import DEFAULT_EXCLUDE, PrecisionPlan, fused_groups, plan_precision
 from .errors import CheckpointError
-from .quantized import UNQUANTIZED, RecordWriter, detect_format
+from .layout import FP8_W8A16
+from .quantized import UNQUANTIZED, RecordWriter, check_write_format, detect_format
 from .reader import FLOAT_DTYPES, CheckpointReader
+from .serving import check_plan
+from .space import check_free_space
 from .types import QuantizedLinearWeight
 from .writer import parse_size
 
@@ -137,6 +140,7 @@ def quantize_checkpoint(
     """
     if scheme not in STREAM_SCHEMES:
         raise CheckpointError(f"scheme must be one of {', '.join(STREAM_SCHEMES)}, got {scheme!r}")
+    check_plan(check_write_format(format), [FP8_W8A16] if scheme == "fp8" else [])  # not servable as modelopt
     exclude = list(exclude)
     reader = CheckpointReader(src, max_open_files=0)  # no shard stays mapped
     with reader:
@@ -154,6 +158,9 @@ def quantize_checkpoint(
         size = parse_size(max_shard_size) if max_shard_size else max(max(reader.file_bytes().values()), 1 << 20)
         chunk = chunk_elements(size)
         targets = set(quantize)
+        need = sum(_output_bytes(reader.shape(n), scheme) if n.endswith(".weight") and n[:-7] in targets
+                   else reader.nbytes(n) for n in reader.names())
+        check_free_space(out, need, f"the {scheme} checkpoint", option="output folder")
         done: set[str] = set()
         with progress.task(f"quantizing to {scheme}", total=len(quantize)) as task, RecordWriter(
             out, format, config=info.config, exclude_modules=sorted(plan.excluded()), source_dir=reader.dir,

@@ -14,6 +14,8 @@ import torch
 from ..formats.nvfp4 import NVFP4Parts
 
 QUANT_FORMATS = ("nvfp4", "fp8", "bf16")
+# static KV-cache formats of QuantizedModel.kv_cache_format (their rules: checkpoint/kv_cache.py)
+KV_CACHE_FORMATS = ("fp8", "nvfp4")
 
 
 @dataclass
@@ -50,7 +52,8 @@ class QuantizedModel:
     ``config``: the HF ``config.json`` dict of the source model (without quantization_config).
     ``exclude_modules``: fnmatch patterns of modules left unquantized.
     ``source_dir``: where tokenizer / generation files are copied from (optional).
-    ``kv_cache_format``: None, or ``"fp8"`` for a static FP8 KV cache; then ``kv_cache_amax`` maps each
+    ``kv_cache_format``: None, or ``"fp8"`` / ``"nvfp4"`` for a static FP8 / NVFP4 KV cache
+    (:mod:`nvfp4kit.checkpoint.kv_cache`); then ``kv_cache_amax`` maps each
     attention module (e.g. ``model.layers.3.self_attn``) to its calibrated ``(k_amax, v_amax)``.
     ``order``: ``(kind, name)`` pairs (kind ``"tensor"``, ``"linear"`` or ``"kv"``) giving the order in
     which the writers store the entries (the model's order); empty: tensors, then Linears, then KV.

@@ -10,16 +10,18 @@ directory: no half-written checkpoint is ever visible under the output name.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .. import scratch
 from .errors import CheckpointError
 from .reader import INDEX_NAME, SINGLE_NAME
+from .space import check_writable, write_error
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -114,19 +116,71 @@ def copy_companion_files(source_dir, dest_dir, skip=()) -> list[str]:
     return copied
 
 
-def check_output_dir(out_dir, overwrite: bool = False, sources=()) -> Path:
-    """Validate an output directory before any work starts; returns it as an absolute Path."""
-    out = Path(out_dir).absolute()
+def _real_locations(source: Path) -> list[Path]:
+    """Where a source's data really is: the path itself and, for a folder, the targets of its top-level
+    symbolic links (a Hugging Face cache snapshot links each file to a blob elsewhere), symlinks resolved."""
+    out = [source.resolve()]
+    if source.is_dir():
+        try:
+            entries = sorted(source.iterdir())
+        except OSError:
+            entries = []
+        out += [p.resolve() for p in entries if p.is_symlink()]
+    return out
+
+
+def check_apart_from_sources(out, sources, what: str = "output folder") -> Path:
+    """Refuse an output path that is a source, contains one or lies inside one, symlinks resolved (writing
+    it, or replacing it with ``--overwrite``, would destroy or alter the source); sources that do not exist
+    locally (a hub id, a built-in name) are skipped. Returns the output as an absolute Path."""
+    out = Path(out).expanduser().absolute()
+    real_out = out.resolve()
     for s in sources:
-        if s is not None and Path(s).absolute().resolve() == out.resolve():
-            raise CheckpointError(f"output directory {out} is the source checkpoint; choose another --out")
+        if s is None or str(s) == "":
+            continue
+        src = Path(s).expanduser().absolute()
+        if not src.exists():
+            continue
+        for real in _real_locations(src):
+            if real_out == real:
+                how = "is"
+            elif real_out in real.parents:
+                how = "contains"
+            elif real in real_out.parents:
+                how = "lies inside"
+            else:
+                continue
+            shown = f"{src}" if real == src else f"{src} (really {real})"
+            where = f" (really {real_out})" if real_out != out else ""
+            raise CheckpointError(f"{what} {out}{where} {how} the source {shown}: writing it would destroy or "
+                                  "change the source; choose another output (nothing was written)")
+    return out
+
+
+def check_output_dir(out_dir, overwrite: bool = False, sources=()) -> Path:
+    """Validate an output directory before any work starts (:func:`check_apart_from_sources` for
+    ``sources``); returns it as an absolute Path."""
+    out = check_apart_from_sources(out_dir, sources)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; remove it or pass overwrite=True (--overwrite)")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path {out} exists and is not a directory")
     if not out.parent.is_dir():
         raise CheckpointError(f"parent directory {out.parent} of the output does not exist")
+    check_writable(out, "output directory")
     return out
+
+
+def clean_stale_beside(out) -> list[Path]:
+    """Remove what writers killed before they finished left beside the output folders of ``out``'s parent
+    (see :mod:`nvfp4kit.scratch`): ``.NAME.partial-pid<PID>-*`` folders of dead processes, and the
+    ``.OUT.old-pid<PID>-*`` folder a replaced ``out`` was moved to, once ``out`` itself is back in place.
+    The resumable staging folder ``.OUT.partial`` carries no owner and is never touched."""
+    out = Path(out).absolute()
+    removed = scratch.remove_stale(out.parent, ".*.partial-pid*")
+    if out.exists():
+        removed += scratch.remove_stale(out.parent, f".{glob.escape(out.name)}.old-pid*")
+    return removed
 
 
 class ShardedWriter:
@@ -139,11 +193,19 @@ class ShardedWriter:
             w.write_json("config.json", config)
             w.copy_from(source_dir)
         # out_dir now holds model-0000i-of-0000n.safetensors + index, config.json, tokenizer files
+
+    Before the rename, the complete temporary folder is checked against what serving engines load
+    (:func:`~nvfp4kit.checkpoint.serving.verify_serving`); a folder that fails is removed and the error
+    lists every problem. ``verify``: a callable run on the temporary folder instead (it raises to refuse;
+    what it returns is kept in :attr:`findings`), or None to skip the check.
     """
 
-    def __init__(self, out_dir, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, sources=()):
+    def __init__(self, out_dir, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, sources=(),
+                 verify="serving"):
         self.out = check_output_dir(out_dir, overwrite, sources)
         self.overwrite = overwrite
+        self.verify = verify
+        self.findings: list = []  # what the check returned (warnings), once finished
         self.max_shard_bytes = parse_size(max_shard_bytes)
         self.tmp: Path | None = None
         self._buffer: dict[str, torch.Tensor] = {}
@@ -156,7 +218,8 @@ class ShardedWriter:
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> "ShardedWriter":
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        clean_stale_beside(self.out)
+        self.tmp = scratch.make_dir(f".{self.out.name}.partial-", self.out.parent)
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -227,7 +290,11 @@ class ShardedWriter:
         if not self._buffer:
             return
         fname = f"shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._buffer, str(tmp / fname), metadata={"format": "pt"})
+        try:
+            save_file(self._buffer, str(tmp / fname), metadata={"format": "pt"})
+            scratch.publish(tmp / fname)  # safetensors writes 0600: the user's umask instead
+        except OSError as e:  # the disk filled up (or was unmounted) after the checks before the work
+            raise write_error(self.out, e) from None
         self._shards.append((fname, list(self._buffer), self._buffer_bytes))
         self._buffer = {}
         self._buffer_bytes = 0
@@ -267,14 +334,27 @@ class ShardedWriter:
             with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
                 f.write("\n")
+        self._check(tmp)
         self._finished = True
+        scratch.publish(tmp)  # mkdtemp made it 0700: the output gets the user's umask
         self._move_into_place(tmp)
+
+    def _check(self, tmp: Path) -> None:
+        """Run the serving check on the complete temporary folder (it raises to refuse the checkpoint)."""
+        if self.verify is None:
+            return
+        if self.verify == "serving":
+            from .serving import verify_serving
+
+            self.findings = verify_serving(tmp, what=str(self.out))
+        else:
+            self.findings = list(self.verify(tmp) or [])
 
     def _move_into_place(self, tmp: Path) -> None:
         if self.out.exists():
             if not self.overwrite:  # appeared while we were writing
                 raise CheckpointError(f"output directory {self.out} appeared while writing; not overwriting it")
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            trash = scratch.make_dir(f".{self.out.name}.old-", self.out.parent)
             os.rename(self.out, trash / "old")
             try:
                 os.rename(tmp, self.out)

@@ -21,6 +21,8 @@ def demo_cmd(
     calib_samples: int = options.calib_samples(D.calib_samples, "calibration samples (built-in text)"),
     seq_len: int = options.seq_len(D.seq_len),
     eval_tokens: int = typer.Option(D.eval_tokens, "--eval-tokens", help="held-out tokens for perplexity"),
+    threads: int = typer.Option(D.threads, "--threads", min=1,
+                                help="torch threads for the whole run (fixed so that machines agree on the figures)"),
 ) -> None:
     """Quantize the embedded SmolLM2-135M with built-in calibration text, write the checkpoint, reload it,
     and print fp32 vs NVFP4 perplexity on built-in held-out text."""
@@ -28,7 +30,8 @@ def demo_cmd(
 
     try:
         r = run_demo(DemoJob(out=out, scheme=scheme, weight_scale=weight_scale, format=format,
-                             calib_samples=calib_samples, seq_len=seq_len, eval_tokens=eval_tokens))
+                             calib_samples=calib_samples, seq_len=seq_len, eval_tokens=eval_tokens,
+                             threads=threads))
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
     c = Console()

@@ -26,7 +26,7 @@ def eval_cmd(
              "and the gap; encoders are compared with it (required for them)"),
     max_sentences: int = typer.Option(256, "--max-sentences", help="encoders: sentences of the text to embed"),
     no_kv_cache: bool = typer.Option(
-        False, "--no-kv-cache", help="ignore the checkpoint's FP8 KV-cache scales (keys/values in full precision)"),
+        False, "--no-kv-cache", help="ignore the checkpoint's FP8 / NVFP4 KV-cache scales (keys/values in full precision)"),
     device: str = options.device(),
     bos: bool = options.bos(),
 ) -> None:
@@ -35,8 +35,8 @@ def eval_cmd(
     Causal LMs: perplexity over windows of --seq-len tokens. Encoders (e.g. a sentence-transformers
     BERT): cosine similarity of sentence embeddings to the --against model, and how often each
     sentence's nearest neighbour agrees. Quantized checkpoints are emulated: W4A4 activations are
-    quantized per 16-block with the checkpoint's static scale, and an FP8 KV cache quantizes the
-    cached keys/values.
+    quantized per 16-block with the checkpoint's static scale, and an FP8 or NVFP4 KV cache
+    quantizes the cached keys/values.
     """
     from ..pipelines.eval import run_eval
 
@@ -58,3 +58,7 @@ def eval_cmd(
               + (f", windows start with BOS (token {r.result.bos_id})" if r.result.bos_id is not None else ""))
     if r.reference_result is not None:
         out.print(f"{r.reference} (reference): perplexity {r.reference_result.ppl:.4f}; gap {r.ppl_gap:+.2%}")
+    for w in r.warnings:  # a perplexity that is not finite: printed as inf / nan, the cause on stderr
+        from rich.markup import escape
+
+        Console(stderr=True).print(f"[bold]warning:[/bold] {escape(w)}", highlight=False)

@@ -22,11 +22,17 @@ def inspect_cmd(
     against: Optional[str] = typer.Option(None, "--against", help="source model (HF folder or .gguf) to measure error"),
     plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG chart of the per-layer error"),
     device: str = options.device("cpu"),
+    check_serving: bool = typer.Option(False, "--check-serving",
+                                       help="only check the checkpoint against what vLLM's and SGLang's NVFP4 / FP8 "
+                                            "loaders require; exit 1 when it fails"),
 ) -> None:
     """Format, shape, scale statistics and (with --against) relative weight error of each Linear."""
     from ..evaluate.report import natural_key
     from ..pipelines.inspect import inspect_checkpoint
 
+    if check_serving:
+        _check_serving(path)
+        return
     try:
         r = inspect_checkpoint(path, against, plot, device=device)
     except (ValueError, TypeError, FileNotFoundError) as e:
@@ -50,5 +56,31 @@ def inspect_cmd(
         console.print(f"{r.kv_cache_format.upper()} KV cache: static scales for {len(r.kv_cache_amax)} attention layers"
                       + (f" (key amax {min(ks):.4g}..{max(ks):.4g}, value amax {min(vs):.4g}..{max(vs):.4g})"
                          if ks else ""))
+    if r.problems:
+        from rich.markup import escape
+
+        console.print(f"[bold]warning:[/bold] {len(r.problems)} tensor(s) hold broken values (NaN / infinite / "
+                      "negative / zero scales, non-finite weights): the checkpoint is corrupt")
+        for problem in r.problems:
+            console.print(f"  - {escape(problem)}", highlight=False, soft_wrap=True)
     if r.plot is not None:
         console.print(f"wrote {r.plot}")
+
+
+def _check_serving(path: str) -> None:
+    from pathlib import Path
+
+    from ..checkpoint.serving import check_serving, errors
+
+    if not Path(path).is_dir():
+        raise typer.BadParameter(f"{path!r} is not a checkpoint folder", param_hint="PATH")
+    findings = check_serving(path)
+    bad = errors(findings)
+    console = Console(width=max(Console().width, 150), highlight=False)
+    for f in findings:
+        console.print(f"{'error' if f in bad else 'warning'}: {f}", markup=False)
+    if bad:
+        console.print(f"{path}: {len(bad)} problem(s) vLLM / SGLang would refuse or serve wrongly", markup=False)
+        raise typer.Exit(1)
+    console.print(f"{path}: passes the vLLM / SGLang serving checks"
+                  + (f" ({len(findings)} warning(s))" if findings else ""), markup=False)

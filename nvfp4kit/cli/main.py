@@ -28,9 +28,17 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     from .. import progress
+    from ..optional import MissingDependency
 
     progress.use_terminal()
-    app()
+    try:
+        app()
+    except MissingDependency as e:  # an optional module the command needs: one line, no traceback
+        import sys
+
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        print(f"error: {e.for_command(f'nvfp4kit {command}'.strip())}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

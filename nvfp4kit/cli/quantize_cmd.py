@@ -35,7 +35,8 @@ def quantize_cmd(
              "average bits per weight (NVFP4 counts 4.5 with its scales, FP8 8, BF16 16), e.g. 4.75"),
     kv_cache: Optional[str] = typer.Option(
         None, "--kv-cache",
-        help="fp8: also calibrate static FP8 KV-cache scales (post-RoPE keys and values, per attention layer)"),
+        help="fp8 or nvfp4: also calibrate static FP8 / NVFP4 KV-cache scales (post-RoPE keys and values, per "
+             "attention layer; nvfp4: 1x16 blocks along the head dim, served with vLLM --kv-cache-dtype nvfp4)"),
     sequential: Optional[bool] = typer.Option(
         None, "--sequential/--one-shot",
         help="calibrate each block on the outputs of the already-quantized blocks before it (GPTQ Hessians and "

@@ -9,12 +9,15 @@ from typing import List, Optional
 
 import typer
 
+from . import options
 from .app import app
 
 
 @app.command("train")
 def train_cmd(
-    data: List[str] = typer.Option(..., "--data", help="text file, directory of *.txt, or glob (repeatable)"),
+    data: List[str] = typer.Option(
+        ..., "--data", help="UTF-8 text file (one document), .jsonl/.json/.parquet/.csv (one document per "
+                            "record's 'text'), directory of *.txt, or glob (repeatable)"),
     out: str = typer.Option(..., "--out", help="run directory: metrics, loss.png, checkpoints"),
     preset: str = typer.Option("tiny", help="model preset (nvfp4kit model presets)"),
     model_set: List[str] = typer.Option([], "--model-set", help="override a preset field: KEY=VALUE (repeatable)"),
@@ -38,8 +41,12 @@ def train_cmd(
     autocast: str = typer.Option("auto", help="bf16 autocast: auto, bf16, off"),
     parallel: str = typer.Option("auto", help="under torchrun: auto (FSDP2, else DDP), fsdp2, ddp"),
     backend: str = typer.Option("emulated", help="emulated, or te (Transformer Engine NVFP4, sm100+ GPUs)"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = options.device("auto"),
     resume: bool = typer.Option(True, help="continue from the latest checkpoint in --out"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="remove the earlier run's checkpoints and metrics in --out and start again (a new run where an earlier "
+             "one left its files is refused otherwise)"),
     stop_after: Optional[int] = typer.Option(
         None, "--stop-after", min=1,
         help="end (with a checkpoint) after this many steps of this invocation, e.g. to fit a job time limit; "
@@ -58,10 +65,11 @@ def train_cmd(
         raise typer.BadParameter(str(e), param_hint="--model-set") from e
     opts = TrainOptions(out=out, preset=preset, model_overrides=overrides, recipe=recipe, flags=tuple(flag), data=list(data),
                         tokenizer=tokenizer, val_fraction=val_fraction, train=cfg, parallel=parallel,
-                        backend=backend, device=device, resume=resume, stop_after=stop_after)
+                        backend=backend, device=device, resume=resume, overwrite=overwrite,
+                        stop_after=stop_after)
     try:
         summary = run_training(opts)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
     final = summary.get("final", {})
     if summary.get("world_size", 1) == 1 or _is_main():

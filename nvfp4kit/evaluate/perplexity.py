@@ -12,12 +12,29 @@ from .. import progress
 from ..losses import causal_lm_logits, next_token_loss
 
 
+def ppl_from_nll(nll: float) -> float:
+    """``exp(nll)``: ``inf`` where it overflows a float (a model whose losses are astronomically large,
+    e.g. from corrupt weights), ``nan`` for a NaN loss; never an ``OverflowError``."""
+    if math.isnan(nll):
+        return math.nan
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass(frozen=True)
 class Perplexity:
-    ppl: float
+    ppl: float  # inf / nan when the model's losses are not finite (see ``finite``)
     nll: float  # mean negative log-likelihood per predicted token (nats)
     n_tokens: int  # predicted tokens
     bos_id: int | None = None  # the token every window started with (None: windows start in the text)
+
+    @property
+    def finite(self) -> bool:
+        """False when the perplexity is infinite or NaN (the model produced NaN / infinite logits, or
+        losses too large for a float): a broken model, not a measurement."""
+        return math.isfinite(self.ppl)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -64,6 +81,6 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, ma
             nll = next_token_loss(causal_lm_logits(model, window), window, reduction="sum")
             total += float(nll)
             count += window.shape[1] - 1
-            t.advance(1, ppl=math.exp(total / count))
+            t.advance(1, ppl=ppl_from_nll(total / count))
     mean = total / count
-    return Perplexity(math.exp(mean), mean, count, bos_id)
+    return Perplexity(ppl_from_nll(mean), mean, count, bos_id)

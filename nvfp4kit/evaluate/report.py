@@ -62,9 +62,9 @@ def natural_key(name: str) -> list:
 
 def plot_layer_errors(rows: list[LayerRow], path: str | Path, title: str = "per-layer relative weight error") -> Path:
     """Bar chart of ``rel_error`` per layer (colour by format) written as PNG."""
-    import matplotlib
+    from ..optional import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", "drawing charts (--plot)").use("Agg")
     import matplotlib.pyplot as plt
 
     from matplotlib.patches import Patch

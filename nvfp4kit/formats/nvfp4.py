@@ -21,11 +21,14 @@ Input policy (tested): floating dtypes only; K (the last dim) must be a multiple
 raise; empty tensors and all-zero tensors/blocks are fine (scale 0, codes +-0 with the input's sign bit,
 dequantize to 0). Quantization never records autograd history.
 A caller-supplied ``global_amax`` smaller than the data saturates: block scales clamp at 448 and
-elements at +-6.
+elements at +-6. Except ``global_amax = 0`` (an all-zero tensor's amax): the formula above then takes
+S_enc = 1, so data quantized with it gets block scales e4m3(block_amax / 6) and saturates only in blocks
+whose amax exceeds 2688 (documented, tested; the bits of every other case are unchanged).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +106,51 @@ def check_finite_values(x: torch.Tensor, name: str = "input", fmt: str = "NVFP4"
             f"{name}: contains NaN or inf values ({n_nan} NaN, {n_inf} inf); {fmt} has no encoding for them "
             "(clean the tensor, or keep it in high precision)"
         )
+
+
+def check_parts(packed: torch.Tensor, block_scale: torch.Tensor, global_decode_scale: torch.Tensor,
+                block: Block = BLOCK_1D, name: str = "NVFP4 tensor", values: bool = True) -> None:
+    """Raise a clear error (``TypeError`` for a dtype, ``ValueError`` otherwise, naming ``name``) unless the
+    parts form a valid NVFP4 tensor: ``packed`` uint8 ``[..., K/2]`` with K a multiple of 16,
+    ``block_scale`` float8_e4m3fn ``[..., K/16]``, ``global_decode_scale`` one float32, ``block`` (1, 16) or
+    (16, 16). With ``values`` (parts read from outside; a pass over the scales) also: no NaN and no
+    negative block scale, a finite positive global decode scale (the canonical formula never makes 0 or
+    inf: an all-zero tensor has 1), and 16x16 scales equal within each tile of 16 rows."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{name}: packed must be uint8, got {packed.dtype}")
+    if block_scale.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"{name}: block_scale must be float8_e4m3fn, got {block_scale.dtype}")
+    if tuple(block) not in (BLOCK_1D, BLOCK_2D):
+        raise ValueError(f"{name}: block must be (1, 16) or (16, 16), got {tuple(block)}")
+    if packed.ndim == 0 or (packed.shape[-1] * 2) % BLOCK_SIZE:
+        raise ValueError(f"{name}: packed shape {tuple(packed.shape)} does not hold whole blocks of {BLOCK_SIZE} "
+                         f"elements (its last dim must be a multiple of {BLOCK_SIZE // 2})")
+    if tuple(block_scale.shape) != (*packed.shape[:-1], packed.shape[-1] * 2 // BLOCK_SIZE):
+        raise ValueError(f"{name}: block_scale shape {tuple(block_scale.shape)} does not match packed "
+                         f"{tuple(packed.shape)}")
+    if tuple(block) == BLOCK_2D and packed.ndim < 2:
+        raise ValueError(f"{name}: 16x16 blocks need at least 2 dims, got packed shape {tuple(packed.shape)}")
+    if not values:
+        return
+    if global_decode_scale.dtype != torch.float32 or global_decode_scale.numel() != 1:
+        raise TypeError(f"{name}: global_decode_scale must be one float32 value, got {global_decode_scale.dtype} "
+                        f"of shape {tuple(global_decode_scale.shape)}")
+    g = float(global_decode_scale.reshape(()))
+    if not (math.isfinite(g) and g > 0):
+        raise ValueError(f"{name}: global_decode_scale must be finite and > 0, got {g}")
+    if block_scale.numel():
+        s = block_scale.float()
+        n_nan, n_neg = int(torch.isnan(s).sum()), int((s < 0).sum())
+        if n_nan or n_neg:
+            raise ValueError(f"{name}: block_scale has {n_nan} NaN and {n_neg} negative entries; E4M3 block "
+                             "scales are >= 0 (the file is corrupt or was not written by an NVFP4 quantizer)")
+        if tuple(block) == BLOCK_2D:
+            bits = block_scale.view(torch.uint8)
+            rows = torch.arange(bits.shape[-2], device=bits.device)
+            first = bits.index_select(-2, rows // BLOCK_SIZE * BLOCK_SIZE)
+            if not torch.equal(bits, first):
+                raise ValueError(f"{name}: 16x16 blocks, but the block scales differ within a tile of "
+                                 f"{BLOCK_SIZE} rows")
 
 
 def _as_amax(global_amax, device) -> torch.Tensor:

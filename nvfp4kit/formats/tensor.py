@@ -21,6 +21,7 @@ from .nvfp4 import (
     BLOCK_SIZE,
     Block,
     NVFP4Parts,
+    check_parts,
     dequantize_parts,
     transpose_2d_parts,
 )
@@ -46,14 +47,7 @@ class NVFP4Tensor(torch.Tensor):
         )
 
     def __init__(self, packed, block_scale, global_decode_scale, dtype=torch.float32, block=BLOCK_1D, transposed=False):
-        if packed.dtype != torch.uint8:
-            raise TypeError(f"NVFP4Tensor: packed must be uint8, got {packed.dtype}")
-        if block_scale.dtype != torch.float8_e4m3fn:
-            raise TypeError(f"NVFP4Tensor: block_scale must be float8_e4m3fn, got {block_scale.dtype}")
-        if tuple(block_scale.shape) != (*packed.shape[:-1], packed.shape[-1] * 2 // BLOCK_SIZE):
-            raise ValueError(
-                f"NVFP4Tensor: block_scale shape {tuple(block_scale.shape)} does not match packed {tuple(packed.shape)}"
-            )
+        check_parts(packed, block_scale, global_decode_scale, block, "NVFP4Tensor", values=False)
         if transposed and packed.ndim != 2:
             raise ValueError("NVFP4Tensor: only 2-dim tensors can carry the transposed flag")
         self.packed = packed

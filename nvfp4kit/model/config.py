@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .. import scratch
+
 PATTERN_LETTERS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 LETTER_OF = {v: k for k, v in PATTERN_LETTERS.items()}
 # HF layer-type names (current and legacy) -> pattern letter
@@ -308,10 +310,21 @@ class NemotronConfig:
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".config.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        scratch.publish(tmp)  # mkstemp made it 0600
         os.replace(tmp, p)
         return p
 
+    @classmethod
+    def check_fields(cls, names, what: str = "config field") -> None:
+        """Raise ``ValueError`` naming any of ``names`` that is not a settable field, with the valid ones."""
+        valid = sorted(f.name for f in fields(cls) if f.name != "extra")
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise ValueError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                             f"valid fields: {', '.join(valid)}")
+
     def replace(self, **changes) -> "NemotronConfig":
+        self.check_fields(changes)
         d = asdict(self)
         d.update(changes)
         return type(self)(**d)

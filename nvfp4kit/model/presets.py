@@ -67,6 +67,7 @@ def preset_names() -> list[str]:
 def get_preset(name: str, **overrides) -> NemotronConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    NemotronConfig.check_fields(overrides)
     d = dict(PRESETS[name])
     d.update(overrides)
     return NemotronConfig(**d)

@@ -7,15 +7,15 @@ embeddings to those of a reference model (:mod:`nvfp4kit.evaluate.embedding`), s
 Quantized checkpoints (modelopt HF or compressed-tensors) are loaded into the architecture named by
 their ``config.json`` with every quantized Linear emulated (:mod:`nvfp4kit.calibrate.emulation`):
 W4A16 uses the dequantized weights; W4A4 also quantizes each Linear's input per 1x16 block with the
-static input global scale of the checkpoint. A checkpoint with an FP8 KV cache (``k_scale`` /
-``v_scale``) also gets its cached keys (post-RoPE) and values quantize-dequantized to FP8 E4M3 with
-those static scales in every attention, unless ``kv_cache=False``.
+static input global scale of the checkpoint. A checkpoint with an FP8 or NVFP4 KV cache (``k_scale`` /
+``v_scale``) also gets its cached keys (post-RoPE) and values quantize-dequantized to FP8 E4M3, or to
+NVFP4 along the head dim, with those static scales in every attention, unless ``kv_cache=False``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +37,8 @@ class EvalResult:
     reference: str | None = None
     reference_result: Perplexity | None = None  # causal LMs, with a reference
     similarity: EmbeddingSimilarity | None = None  # encoders
-    kv_cache: str | None = None  # "fp8" when a static FP8 KV cache was emulated
+    kv_cache: str | None = None  # "fp8" / "nvfp4" when a static KV cache was emulated
+    warnings: list[str] = field(default_factory=list)  # e.g. why a perplexity is not finite
 
     @property
     def ppl_gap(self) -> float | None:
@@ -54,8 +55,8 @@ def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max
 
     Causal LMs: perplexity over windows of ``seq_len`` tokens (and the reference's, with ``against``).
     Encoders: embedding cosine similarity to ``against`` (required) over up to ``max_sentences``
-    sentences, each truncated to ``seq_len`` tokens. ``kv_cache=False`` leaves a checkpoint's FP8 KV
-    cache unemulated (keys/values in full precision). ``device``: auto | cpu | cuda | cuda:N. ``bos``:
+    sentences, each truncated to ``seq_len`` tokens. ``kv_cache=False`` leaves a checkpoint's FP8 / NVFP4
+    KV cache unemulated (keys/values in full precision). ``device``: auto | cpu | cuda | cuda:N. ``bos``:
     every perplexity window starts with the tokenizer's BOS when it adds one (False: windows start in the text).
     """
     dev = resolve_device(device)
@@ -97,7 +98,29 @@ def run_eval(model: str | None, text: str | None = None, seq_len: int = 512, max
                              f"{loaded.source!r}; perplexities would not be comparable")
         ref_res = perplexity(ref.model, ids, seq_len, max_tokens, desc=f"perplexity ({ref.kind})", bos_id=bos_id)
         ref_source = ref.source
+    warnings = [] if res.finite else [nonfinite_warning(loaded, res)]
+    if ref_res is not None and not ref_res.finite:
+        warnings.append(nonfinite_warning(ref, ref_res))
     kv = loaded.quantized.kv_cache_format if (kv_cache and loaded.quantized is not None
                                                and loaded.quantized.kv_cache_amax) else None
     return EvalResult(loaded.source, loaded.kind, CAUSAL_LM, res, time.perf_counter() - t0, ref_source, ref_res,
-                      kv_cache=kv)
+                      kv_cache=kv, warnings=warnings)
+
+
+def nonfinite_warning(loaded: LoadedModel, result: Perplexity) -> str:
+    """Why the perplexity of ``loaded`` came out infinite or NaN, naming the tensors at fault: the
+    checkpoint's broken scales and non-finite values (:mod:`nvfp4kit.checkpoint.health`), or the model's
+    non-finite parameters."""
+    from ..checkpoint.health import checkpoint_problems, nonfinite_tensors
+
+    if loaded.quantized is not None:
+        problems = checkpoint_problems(loaded.source, loaded.quantized)
+    else:
+        problems = nonfinite_tensors(loaded.model.named_parameters())
+    head = (f"the perplexity of {loaded.source} is {result.ppl} (mean NLL {result.nll:.4g} nats per token): "
+            "the model's outputs are not usable")
+    if problems:
+        more = f"; and {len(problems) - 5} more (nvfp4kit inspect lists them)" if len(problems) > 5 else ""
+        return f"{head}; the checkpoint holds broken values: " + "; ".join(problems[:5]) + more
+    return (f"{head}, though no weight or scale is NaN or infinite: the logits overflowed, or finite weights are "
+            "corrupt (compare it with its source: nvfp4kit inspect CHECKPOINT --against SOURCE)")

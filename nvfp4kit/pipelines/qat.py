@@ -18,9 +18,7 @@ from the latest checkpoint of the same job (a different configuration is refused
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import progress
+from .. import progress, scratch
 from ..calibrate.data import load_text, sample_bos, token_samples, tokenize
 from ..calibrate.mixed import MixedPrecisionPlan
 from ..calibrate.qat import (
@@ -41,13 +39,15 @@ from ..calibrate.qat import (
 )
 from ..checkpoint.quantized import MODELOPT
 from ..checkpoint.types import QuantizedModel
+from ..checkpoint.writer import check_apart_from_sources
+from ..evaluate.perplexity import ppl_from_nll
 from ..losses import causal_lm_logits
 from ..policy import DEFAULT_EXCLUDE
 from ..training import checkpointing
 from ..training.data import PackedLoader
 from ..training.loop import TrainConfig, evaluate, make_optimizer, train
 from ..devices import resolve_device
-from .models import load_causal_lm
+from .models import embedded_model_path, load_causal_lm
 
 SCHEMES = ("w4a4", "w4a16")
 TRAINABLE = ("quantized", "all")
@@ -145,11 +145,11 @@ class QATResult:
 
     @property
     def ppl_before(self) -> float | None:
-        return None if self.eval_loss_before is None else math.exp(self.eval_loss_before)
+        return None if self.eval_loss_before is None else ppl_from_nll(self.eval_loss_before)
 
     @property
     def ppl_after(self) -> float | None:
-        return None if self.eval_loss_after is None else math.exp(self.eval_loss_after)
+        return None if self.eval_loss_after is None else ppl_from_nll(self.eval_loss_after)
 
 
 def train_config(job: QATJob, n_eval: int) -> TrainConfig:
@@ -207,6 +207,12 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def job_sources(job: QATJob) -> list:
+    """The paths a QAT job reads, which its output and training state must keep apart from: the model (the
+    embedded one by default), the training text, the PTQ checkpoint and the plan."""
+    return [embedded_model_path() if job.model is None else job.model, job.data, job.ptq, job.plan]
+
+
 def state_dir(out: str) -> Path:
     """Where a QAT job keeps its training state: ``OUT.qat/`` beside the output."""
     return Path(str(Path(out)) + ".qat")
@@ -255,14 +261,14 @@ def train_qat(model: nn.Module, windows: torch.Tensor, job: QATJob, teacher: nn.
     for p in params.values():
         p.requires_grad_(True)
     own_dir = run_dir is None  # no place for the state: a temporary one, removed afterwards
-    run_dir = Path(tempfile.mkdtemp(prefix="nvfp4kit-qat-")) if own_dir else Path(run_dir)
+    run_dir = scratch.system_temp_dir("qat") if own_dir else Path(run_dir)
     try:
         resuming = job.resume and checkpointing.latest_checkpoint(run_dir) is not None
-        if not resuming and run_dir.exists() and any(run_dir.iterdir()):
-            if not job.overwrite:
-                raise FileExistsError(f"{run_dir} holds an earlier QAT run: pass --resume to continue it "
-                                      "or --overwrite to start again")
-            shutil.rmtree(run_dir)
+        try:
+            checkpointing.prepare_run_dir(run_dir, resume=resuming, overwrite=job.overwrite and not resuming)
+        except FileExistsError:
+            raise FileExistsError(f"{run_dir} holds an earlier QAT run: pass --resume to continue it "
+                                  "or --overwrite to start again") from None
         run_dir.mkdir(parents=True, exist_ok=True)
         eval_before = None if resuming else held_out_loss(model, eval_windows, cfg)
         t0 = time.perf_counter()
@@ -292,6 +298,30 @@ def _metric_rows(run_dir: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
+def check_output_space(job: QATJob, model: nn.Module) -> None:
+    """Before training: refuse an output location without room for the quantized checkpoint and the
+    training state beside it (the loop keeps ``keep_checkpoints`` checkpoints and writes one more)."""
+    from ..calibrate.surgery import linear_shapes
+    from ..checkpoint.space import check_free_space
+    from ..policy import plan_precision
+    from .quantize import estimated_output_bytes
+
+    plan = plan_precision(linear_shapes(model), job.scheme, (), default_exclude=tuple(DEFAULT_EXCLUDE) + tuple(job.exclude))
+    dtype = next(model.parameters()).dtype
+    need = estimated_output_bytes(model, plan, dtype)
+    if job.steps > 0:
+        quantized = set(plan.quantized())
+        params = dict(model.named_parameters())
+        trained = (params.values() if job.trainable == "all"
+                   else [p for n, p in params.items() if n.rpartition(".")[0] in quantized])
+        # model state + AdamW's two moments of every trained parameter
+        state = sum(p.numel() * p.element_size() for p in params.values())
+        state += 2 * sum(p.numel() * p.element_size() for p in trained)
+        need += (TrainConfig.keep_checkpoints + 1) * state
+    check_free_space(job.out, need, "the checkpoint and the training state beside it" if job.steps > 0
+                     else "the checkpoint")
+
+
 def run_qat(job: QATJob) -> QATResult:
     """The whole ``nvfp4kit qat`` job: load, fake-quantize, calibrate, train, export."""
     job.check()
@@ -299,11 +329,14 @@ def run_qat(job: QATJob) -> QATResult:
     from .quantize import prepare_output_dir
 
     out = Path(job.out)
-    prepare_output_dir(out, job.overwrite)
+    sources = job_sources(job)
+    check_apart_from_sources(state_dir(job.out), sources, "training state folder")
+    prepare_output_dir(out, job.overwrite, sources)
     device = resolve_device(job.device)
     with progress.task("loading model", total=1) as t:
         model, tok = load_causal_lm(job.model, device=device)
         t.advance(1)
+    check_output_space(job, model)
     tokens = tokenize(tok, load_text(job.data, "calib"))
     bos_id = sample_bos(tok, job.bos)
     if bos_id is not None:
@@ -327,7 +360,7 @@ def run_qat(job: QATJob) -> QATResult:
                  f"scheme {job.scheme}, weight amax {job.weight_amax}, activation amax static (calibrated)")
     result = train_qat(model, windows, job, teacher, state_dir(job.out), eval_windows)
     qmodel = export_quantized_model(model)
-    staging = Path(tempfile.mkdtemp(prefix="nvfp4kit-src-"))
+    staging = scratch.system_temp_dir("src")
     t0 = time.perf_counter()
     try:
         tok.save_pretrained(str(staging))
@@ -337,7 +370,7 @@ def run_qat(job: QATJob) -> QATResult:
         qmodel.source_dir = str(staging)
         from ..checkpoint import save_quantized
 
-        result.out = Path(save_quantized(qmodel, out, format=job.format, overwrite=job.overwrite))
+        result.out = Path(save_quantized(qmodel, out, format=job.format, overwrite=job.overwrite, sources=sources))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds["write"] = time.perf_counter() - t0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import progress
+from .. import progress, scratch
 from ..calibrate.activations import ActivationStore
 from ..calibrate.blockwise import ResumeState, quantize_by_block
 from ..calibrate.data import calibration_samples, sample_bos
@@ -42,6 +41,8 @@ from ..calibrate.sequential import block_layout
 from ..calibrate.transforms import DEFAULT_ROTATE, DEFAULT_SMOOTH, Transforms, check_smoothing, has_smoothing_groups
 from ..calibrate.weight_scales import DEFAULT_WEIGHT_SCALE
 from ..checkpoint.quantized import MODELOPT, declare_dtype
+from ..checkpoint.staged import SPILL
+from ..checkpoint.writer import check_apart_from_sources
 from ..checkpoint.types import QuantizedModel
 from ..devices import available_memory, resolve_device, resolve_dtype
 from ..policy import check_scheme
@@ -70,7 +71,7 @@ class QuantizeJob:
     recipe: str | None = None
     overwrite: bool = False
     bits_budget: float | None = None  # with scheme "mixed": search formats per Linear under this budget
-    kv_cache: str | None = None  # "fp8": calibrate static FP8 KV-cache scales too
+    kv_cache: str | None = None  # "fp8" / "nvfp4": calibrate static FP8 / NVFP4 KV-cache scales too
     sequential: bool | None = None  # None: the way's default (one-shot whole, sequential by block)
     load: str = "auto"  # "auto", "whole" or "blocks"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -87,13 +88,16 @@ class QuantizeJob:
 
 
 def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.PathLike, fmt: str,
-                    overwrite: bool = False, max_shard_size="5GB") -> Path:
+                    overwrite: bool = False, max_shard_size="5GB", sources=()) -> Path:
     """Write ``result.qmodel`` with the tokenizer and generation config of the source model, and the
     files a source folder carries beside its weights (model card, licence, sentence-transformers
-    modules such as ``1_Pooling``); unquantized tensors in the source checkpoint's own dtype."""
+    modules such as ``1_Pooling``); unquantized tensors in the source checkpoint's own dtype. ``out`` must
+    not be, contain or lie inside ``loaded.source`` or any of ``sources``."""
     from ..checkpoint import save_quantized
 
-    staging = Path(tempfile.mkdtemp(prefix="nvfp4kit-src-"))
+    sources = (loaded.source, *sources)
+    check_apart_from_sources(out, sources)
+    staging = scratch.system_temp_dir("src")
     try:
         stage_companions(staging, loaded.tokenizer, getattr(loaded.model, "generation_config", None), loaded.source)
         result.qmodel.source_dir = str(staging)
@@ -101,7 +105,7 @@ def save_checkpoint(result: QuantizeResult, loaded: LoadedModel, out: str | os.P
         tensor_dtype = loaded.source_dtype
         result.qmodel.config = declare_dtype(result.qmodel.config, tensor_dtype)
         return Path(save_quantized(result.qmodel, out, format=fmt, overwrite=overwrite, max_shard_size=max_shard_size,
-                                   tensor_dtype=tensor_dtype, tensor_dtypes=loaded.source_dtypes))
+                                   tensor_dtype=tensor_dtype, tensor_dtypes=loaded.source_dtypes, sources=sources))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -182,9 +186,16 @@ def run_quantize(job: QuantizeJob, loaded: LoadedModel | None = None) -> tuple[Q
     return _run_quantize(job, device, loaded)
 
 
+def job_sources(job: QuantizeJob, loaded: LoadedModel | None = None) -> list:
+    """The paths a quantize job reads and its output must keep apart from: the model (the embedded one by
+    default) and the calibration text."""
+    model = loaded.source if loaded is not None else (embedded_model_path() if job.model is None else job.model)
+    return [model, job.calib]
+
+
 def _run_quantize(job: QuantizeJob, device: torch.device, loaded: LoadedModel | None):
     t_start = time.perf_counter()
-    prepare_output_dir(job.out, job.overwrite)
+    prepare_output_dir(job.out, job.overwrite, job_sources(job, loaded))
     _, world = _rank_world()
     if loaded is None:
         mode = job.load
@@ -196,6 +207,7 @@ def _run_quantize(job: QuantizeJob, device: torch.device, loaded: LoadedModel | 
         loaded = load_source_model(job.model, dtype, device)
     elif world > 1:
         raise ValueError("under torchrun, quantize loads the model itself (block by block)")
+    check_whole_output_space(job, loaded)
     samples = _samples(job, loaded.tokenizer, loaded.model, loaded.source)
     plan = search = None
     if job.bits_budget is not None:
@@ -212,7 +224,8 @@ def _run_quantize(job: QuantizeJob, device: torch.device, loaded: LoadedModel | 
     result = quantize_model(loaded.model, samples, job.scheme, job.weight_scale, job.exclude, job.recipe, plan=plan,
                             kv_cache=job.kv_cache, sequential=bool(job.sequential), transforms=transforms)
     t0 = time.perf_counter()
-    path = save_checkpoint(result, loaded, job.out, job.format, job.overwrite, job.max_shard_size)
+    path = save_checkpoint(result, loaded, job.out, job.format, job.overwrite, job.max_shard_size,
+                           sources=job_sources(job, loaded))
     if search is not None:
         search.save(path / "mixed_precision.json")
     result.seconds["write"] = time.perf_counter() - t0
@@ -306,15 +319,20 @@ def _signature(job: QuantizeJob, sequential: bool, dtype: torch.dtype, device: t
     return sig
 
 
-def estimated_output_bytes(model: nn.Module, plan, tensor_dtype: torch.dtype) -> int:
-    """About what the checkpoint of ``model`` under ``plan`` takes on disk (shapes only)."""
+def estimated_output_bytes(model: nn.Module, plan, tensor_dtype: torch.dtype,
+                           bits_per_weight: float | None = None) -> int:
+    """About what the checkpoint of ``model`` under ``plan`` takes on disk (shapes only; works on a
+    model on the meta device). ``bits_per_weight``: the average of a bits budget, for every Linear the
+    plan quantizes (the search chooses their formats later)."""
     quantized = {n: plan.layers[n].format for n in plan.quantized()}
     elem = torch.empty((), dtype=tensor_dtype).element_size()
     total = 0
     for name, p in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
         fmt = quantized.get(owner)
-        if fmt == "nvfp4" and leaf == "weight":
+        if fmt is not None and leaf == "weight" and bits_per_weight is not None:
+            total += int(p.numel() * bits_per_weight / 8)
+        elif fmt == "nvfp4" and leaf == "weight":
             total += p.numel() // 2 + p.numel() // 16
         elif fmt == "fp8" and leaf == "weight":
             total += p.numel()
@@ -324,12 +342,22 @@ def estimated_output_bytes(model: nn.Module, plan, tensor_dtype: torch.dtype) ->
 
 
 def _check_disk(out: Path, need: int) -> None:
-    out = Path(out).absolute()
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
-        raise ValueError(f"--out {str(out)!r}: {free / 2**30:.1f} GiB free on its file system, but quantizing "
-                         f"block by block needs about {need / 2**30:.1f} GiB there (the staged pieces, the checkpoint "
-                         "and spilled activations); free space or choose another --out")
+    from ..checkpoint.space import check_free_space
+
+    check_free_space(out, need, "quantizing block by block (the staged pieces, the checkpoint and spilled "
+                                "activations)")
+
+
+def check_whole_output_space(job: QuantizeJob, loaded: LoadedModel) -> None:
+    """Before calibrating a model loaded whole: refuse an ``--out`` whose file system cannot hold the
+    checkpoint (its size estimated from the model's shapes and the job's plan)."""
+    from ..checkpoint.space import check_free_space
+
+    budget = job.bits_budget
+    plan = plan_model(loaded.model, "w4a16" if budget is not None else job.scheme, job.exclude,
+                      None if budget is not None else job.recipe)
+    dtype = loaded.source_dtype or next(loaded.model.parameters()).dtype
+    check_free_space(job.out, estimated_output_bytes(loaded.model, plan, dtype, budget), "the checkpoint")
 
 
 def run_by_block(job: QuantizeJob, device: torch.device, t_start: float | None = None) -> tuple[QuantizeResult, Path]:
@@ -374,7 +402,8 @@ def run_by_block(job: QuantizeJob, device: torch.device, t_start: float | None =
                                 config=declare_dtype(config_dict(bw.model), tensor_dtype),
                                 exclude_modules=sorted(plan.excluded()), kv_cache_format=job.kv_cache,
                                 max_shard_size=job.max_shard_size, overwrite=job.overwrite, tensor_dtype=tensor_dtype,
-                                source_dir=bw.path, tensor_dtypes=bw.source_dtypes)
+                                source_dir=bw.path, tensor_dtypes=bw.source_dtypes,
+                                sources=(bw.path, *job_sources(job)))
         stage_companions(sink.companions, bw.tokenizer, bw.generation_config, bw.path)
     del shapes_model
     resume = _resume_state(sink, budget, device) if sink is not None else None
@@ -388,7 +417,7 @@ def run_by_block(job: QuantizeJob, device: torch.device, t_start: float | None =
     try:
         done = quantize_by_block(bw.model, samples.to(device), plan, job.weight_scale, sequential=sequential,
                                  kv_cache=job.kv_cache, source=bw.source, sink=sink, device=device,
-                                 activation_memory=budget, spill_dir=(sink.dir / "spill") if sink is not None else None,
+                                 activation_memory=budget, spill_dir=(sink.dir / SPILL) if sink is not None else None,
                                  resume=resume, keep=False, smooth=job.smooth)
     except BaseException:
         if sink is not None:
@@ -413,7 +442,7 @@ def _resume_state(sink, budget: int, device) -> ResumeState | None:
     inputs = state.get("inputs")
     if sink.units_done < 2 or not inputs:
         return None
-    store = ActivationStore.load(sink.dir / inputs["file"], budget_bytes=budget, spill_dir=sink.dir / "spill",
+    store = ActivationStore.load(sink.dir / inputs["file"], budget_bytes=budget, spill_dir=sink.dir / SPILL,
                                  device=device, name="inputs")
     kv = {k: tuple(v) for k, v in (state.get("kv_amax") or {}).items()}
     return ResumeState(sink.units_done - 1, store, kv, int(state.get("n_tokens") or 0))
@@ -446,16 +475,23 @@ def _searched_plan(job: QuantizeJob, model: nn.Module, samples: torch.Tensor):
     return plan, search
 
 
-def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail before any work if ``out`` cannot be written; create its parent folders (the checkpoint
-    itself is written to a temporary folder beside it and renamed when complete)."""
-    from ..checkpoint.writer import check_output_dir
+def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False, sources=()) -> Path:
+    """Fail before any work if ``out`` cannot be written or is, contains or lies inside one of ``sources``
+    (then nothing is touched); create its parent folders and remove what killed runs left beside it (the
+    checkpoint itself is written to a temporary folder beside it and renamed when complete)."""
+    from ..checkpoint.writer import check_output_dir, clean_stale_beside
 
+    check_apart_from_sources(out, sources)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists (pass --overwrite to replace it)")
+    from ..checkpoint.space import check_writable
+
+    check_writable(out)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    return check_output_dir(out, overwrite)
+    checked = check_output_dir(out, overwrite, sources)
+    clean_stale_beside(checked)
+    return checked
 
 
 def run_streaming(job: QuantizeJob) -> Path:
@@ -473,6 +509,6 @@ def run_streaming(job: QuantizeJob) -> Path:
                      f"--weight-scale {job.weight_scale} does not apply")
     if job.model is None or not Path(job.model).is_dir():
         raise ValueError("--weights-only-streaming needs --model pointing at a safetensors model folder")
-    prepare_output_dir(job.out, job.overwrite)
+    prepare_output_dir(job.out, job.overwrite, job_sources(job))
     return Path(quantize_checkpoint(job.model, job.out, "nvfp4" if job.scheme == "w4a16" else "fp8",
                                     job.exclude, format=job.format, overwrite=job.overwrite))

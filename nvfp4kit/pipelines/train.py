@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .. import progress
+from .. import progress, scratch
+from ..devices import resolve_device
+from ..checkpoint.writer import check_apart_from_sources
+from ..training.checkpointing import earlier_run, prepare_run_dir
 from ..training.data import PackedLoader, load_packed_text, load_tokenizer, pack, tokenize_texts
 from ..training.loop import TrainConfig, make_optimizer, train
 from ..training.recipes import apply_recipe, get_recipe
@@ -37,8 +40,9 @@ class TrainOptions:
     model_overrides: dict = field(default_factory=dict)
     parallel: str = "auto"  # data parallel wrapper under torchrun: auto, fsdp2, ddp
     backend: str = "emulated"  # or "te" (Transformer Engine NVFP4 on sm100+ GPUs)
-    device: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (``nvfp4kit.devices.resolve_device``)
     resume: bool = True
+    overwrite: bool = False  # a new run where an earlier one left its files: remove them first (else refused)
     stop_after: int | None = None
     show_recipe: bool = True
 
@@ -54,7 +58,7 @@ def build_training_model(opts: TrainOptions, vocab_size: int):
     overrides.setdefault("vocab_size", padded_vocab(vocab_size))
     # parameters the model's own initialiser leaves to torch's defaults draw from the global RNG
     torch.manual_seed(opts.train.seed)
-    return build_model(opts.preset, seed=opts.train.seed, device=torch.device(opts.device), **overrides)
+    return build_model(opts.preset, seed=opts.train.seed, device=resolve_device(opts.device), **overrides)
 
 
 def run_training(opts: TrainOptions) -> dict:
@@ -64,15 +68,25 @@ def run_training(opts: TrainOptions) -> dict:
     cfg = opts.train
     cfg.validate()
     get_recipe(opts.recipe, opts.flags)  # fail early on a bad name or flag
+    from ..model.config import NemotronConfig
+
+    NemotronConfig.check_fields(opts.model_overrides, "--model-set field")  # before the data is read
     if opts.backend not in ("emulated", "te"):
         raise ValueError(f"--backend must be 'emulated' or 'te', got {opts.backend!r}")
     if (opts.data is None) == (opts.texts is None):
         raise ValueError("give exactly one of --data (text files) or in-memory texts")
-    device = torch.device(opts.device)
+    device = resolve_device(opts.device)  # a clear error for --device cuda without CUDA
     info = distributed.init_distributed(device)
     if not info.is_main:
         progress.use_logging()
     try:
+        # before any work: a new run never starts where an earlier one left its files (unless --overwrite,
+        # which removes them: never a file the run reads)
+        if opts.overwrite:
+            for name in earlier_run(opts.out):
+                check_apart_from_sources(Path(opts.out) / name, [*(opts.data or ()), opts.tokenizer],
+                                         "run file removed by --overwrite")
+        prepare_run_dir(opts.out, resume=opts.resume, overwrite=opts.overwrite, remove=info.is_main)
         tok = load_tokenizer(opts.tokenizer)
         if opts.data is not None:
             data = load_packed_text(opts.data, tok, cfg.seq_len, opts.val_fraction)
@@ -102,11 +116,11 @@ def run_training(opts: TrainOptions) -> dict:
                 f"training {opts.preset} with recipe {opts.recipe}: {data.train.shape[0]} train / "
                 f"{data.val.shape[0]} val sequences of {cfg.seq_len} tokens, {info.world} process(es) ({info.wrapper})"
             )
-        summary = train(model, optimizer, loader, data.val, cfg, opts.out, resume=opts.resume, run_info=run_info,
-                        stop_after=opts.stop_after, device=device)
+        summary = train(model, optimizer, loader, data.val, cfg, opts.out, resume=opts.resume and not opts.overwrite,
+                        run_info=run_info, stop_after=opts.stop_after, device=device)
         if info.is_main:
             run = {k: v for k, v in asdict(opts).items() if k not in ("texts", "train")}
-            tmp = Path(opts.out) / f".run.json.tmp{os.getpid()}"
+            tmp = Path(opts.out) / scratch.owned(".run.json.tmp-")
             tmp.write_text(json.dumps(dict(run, train=asdict(cfg)), indent=1))
             os.replace(tmp, Path(opts.out) / "run.json")
         return summary

@@ -1,6 +1,10 @@
 """Training data: a tokenizer (a local Hugging Face tokenizer or a byte-level fallback), local text
-loaded with ``datasets``, packed into fixed-length sequences, and a loader whose position is a small
-dict so a run can stop and resume on exactly the same batches.
+files, packed into fixed-length sequences, and a loader whose position is a small dict so a run can
+stop and resume on exactly the same batches.
+
+Documents: a plain text file is one document; a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file
+gives one per record (its ``text`` field). Every file is read by
+:func:`nvfp4kit.textfiles.read_documents`, which refuses a binary, non-UTF-8 or malformed file naming it.
 
 Packing: every document's tokens followed by an end-of-text token are concatenated, then cut into
 non-overlapping sequences of ``seq_len`` tokens (the tail shorter than that is dropped). A fixed
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..textfiles import read_documents
 
 
 class ByteTokenizer:
@@ -36,7 +42,9 @@ class HFTokenizer:
     """A tokenizer saved in a local directory (``tokenizer.json`` etc.), loaded offline."""
 
     def __init__(self, path: str | os.PathLike):
-        from transformers import AutoTokenizer
+        from ..optional import require
+
+        AutoTokenizer = require("transformers", "--tokenizer DIR (a Hugging Face tokenizer)").AutoTokenizer
 
         if not Path(path).exists():
             raise FileNotFoundError(f"tokenizer: {path} does not exist (give a local directory, or 'bytes')")
@@ -82,28 +90,13 @@ def resolve_text_files(paths) -> list[str]:
     return files
 
 
-def tokenize_files(files: list[str], tokenizer, num_proc: int | None = None) -> torch.Tensor:
-    """All documents (one per file) tokenized with ``datasets``, each followed by end-of-text,
+def tokenize_files(files: list[str], tokenizer) -> torch.Tensor:
+    """All documents of the files (see the module docs) tokenized, each followed by end-of-text,
     concatenated into one int64 tensor."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
-
-    datasets.disable_progress_bars()
-    ds = datasets.load_dataset("text", data_files={"train": files}, sample_by="document", split="train",
-                               keep_in_memory=True)
-    eos = tokenizer.eos_token_id
-
-    def tok(batch):
-        ids = [tokenizer.encode(t) + ([eos] if eos is not None else []) for t in batch["text"]]
-        return {"ids": ids}
-
-    ds = ds.map(tok, batched=True, remove_columns=["text"], keep_in_memory=True, num_proc=num_proc,
-                load_from_cache_file=False)
-    ds = ds.with_format("torch")
-    parts = [row["ids"].to(torch.int64) for row in ds]
-    if not parts:
-        raise ValueError(f"--data: the files {files[:3]} hold no text")
-    return torch.cat(parts)
+    docs = [d for f in files for d in read_documents(f, what="--data file")]
+    if not any(docs):
+        raise ValueError(f"--data: the files {files[:3]}{' ...' if len(files) > 3 else ''} hold no text")
+    return tokenize_texts(docs, tokenizer)
 
 
 def tokenize_texts(texts: list[str], tokenizer) -> torch.Tensor:

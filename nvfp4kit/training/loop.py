@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .. import progress
+from .. import progress, scratch
+from ..optional import MissingDependency, require
+from ..kernels.dispatch import raise_if_nonfinite
 from . import checkpointing
 from .data import PackedLoader
 
@@ -162,6 +164,7 @@ def evaluate(model, val: torch.Tensor, cfg: TrainConfig, device, rank: int = 0, 
             out = model(batch, labels=batch, mtp_depths=0) if _accepts_mtp(model) else model(batch, labels=batch)
         loss, main = _loss_of(out)
         total += (main if main is not None else loss).double().cpu() * batch.shape[0]
+    raise_if_nonfinite()
     model.train(was_training)
     return float(_mean_across_ranks(total / mine.shape[0]))
 
@@ -177,7 +180,7 @@ def _accepts_mtp(model) -> bool:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(scratch.owned(f".{path.name}.tmp-"))
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -188,8 +191,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 METRIC_FIELDS = ("step", "loss", "main_loss", "val_loss", "lr", "grad_norm", "tokens", "step_time_s", "tokens_per_s")
 
 
+_NOTED_NO_CHART: set[str] = set()
+
+
 def write_metrics(out_dir: Path, rows: list[dict], summary: dict) -> None:
-    """``metrics.csv`` (one row a step), ``metrics.json`` (summary + rows) and ``loss.png``."""
+    """``metrics.csv`` (one row a step), ``metrics.json`` (summary + rows) and ``loss.png`` (when matplotlib,
+    from the ``hf`` extra, is installed: without it the run goes on, saying once that the chart is skipped)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
@@ -198,13 +205,16 @@ def write_metrics(out_dir: Path, rows: list[dict], summary: dict) -> None:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in METRIC_FIELDS})
     _atomic_write_bytes(out_dir / "metrics.csv", buf.getvalue().encode())
     _atomic_write_bytes(out_dir / "metrics.json", json.dumps({"summary": summary, "rows": rows}, indent=1).encode())
-    plot_loss(rows, out_dir / "loss.png", title=summary.get("title", "training loss"))
+    try:
+        plot_loss(rows, out_dir / "loss.png", title=summary.get("title", "training loss"))
+    except MissingDependency as e:
+        if str(out_dir) not in _NOTED_NO_CHART:
+            _NOTED_NO_CHART.add(str(out_dir))
+            progress.log(f"loss.png is not drawn: {e}")
 
 
 def plot_loss(rows: list[dict], path: Path, title: str = "training loss") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "drawing loss.png").use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -226,9 +236,11 @@ def plot_loss(rows: list[dict], path: Path, title: str = "training loss") -> Non
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: PackedLoader, val: torch.Tensor | None,
           cfg: TrainConfig, out_dir, *, resume: bool = True, run_info: dict | None = None,
-          stop_after: int | None = None, device=None, loss_fn=model_loss) -> dict:
-    """Train for ``cfg.steps`` steps (continuing from the latest checkpoint in ``out_dir`` when
-    ``resume``). ``stop_after``: end after that many steps (and checkpoint), as an interrupted run.
+          stop_after: int | None = None, device=None, loss_fn=model_loss, overwrite: bool = False) -> dict:
+    """Train for ``cfg.steps`` steps (continuing from the newest complete checkpoint in ``out_dir`` when
+    ``resume``; a new run where an earlier one left its files is refused unless ``overwrite``, which
+    removes them first and starts again: see :func:`~nvfp4kit.training.checkpointing.prepare_run_dir`).
+    ``stop_after``: end after that many steps (and checkpoint), as an interrupted run.
     ``loss_fn(model, batch) -> (loss, main loss or None)``: the objective (default :func:`model_loss`;
     QAT/QAD pass theirs). ``run_info["signature"]``, when given, must equal the resumed checkpoint's:
     a run is never continued under a different configuration.
@@ -242,8 +254,12 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Pack
     device = torch.device(device or next(model.parameters()).device)
     rows: list[dict] = []
     start = 0
+    resume = resume and not overwrite
+    checkpointing.prepare_run_dir(out_dir, resume=resume, overwrite=overwrite, remove=rank == 0)
+    if dist is not None:
+        dist.barrier()  # rank 0 has removed what it had to before any rank looks for a checkpoint
     if resume:
-        ckpt = checkpointing.latest_checkpoint(out_dir)
+        ckpt = checkpointing.latest_checkpoint(out_dir, warn=rank == 0)
         if ckpt is not None:
             wanted = (run_info or {}).get("signature")
             if wanted is not None and checkpointing.read_state(ckpt).get("run", {}).get("signature") != wanted:
@@ -298,6 +314,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Pack
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             loss_v = float(_mean_across_ranks(loss.detach().float()))
+            raise_if_nonfinite()  # NaN/inf operands of the fused NVFP4 path, counted on the device this step
             if not math.isfinite(loss_v):
                 raise FloatingPointError(f"step {step + 1}: loss is {loss_v}; lower --lr or check the recipe")
             row = {
